@@ -1,0 +1,138 @@
+"""Configuration of CVAE-Llama: a Llama config plus the fields of the conditional VAE around it.
+
+This file travels to a Hub repo as remote code: it imports only torch, transformers and the standard library.
+"""
+
+from transformers import LlamaConfig
+
+
+LATENT_INJECTIONS = ("memory", "embedding", "memory+embedding")
+SKIP_CONNECTIONS = ("gskip", "skip", "none")
+DECODER_MODES = ("frozen", "full", "lora")
+CVAE_FIELDS = (
+    "latent_size",
+    "num_latent_queries",
+    "num_memory_slots",
+    "num_encoder_layers",
+    "latent_injection",
+    "skip_connection",
+    "gskip_samples",
+    "decoder_mode",
+)
+
+
+class CVAELlamaConfig(LlamaConfig):
+    r"""
+    Configuration of [`CVAELlamaForCausalLM`]: every field of [`LlamaConfig`] (the decoder, i.e. the wrapped LLM)
+    plus the fields of the CVAE (defaults are those of Zhang et al., IEEE TAI 2026).
+
+    Args:
+        latent_size (`int`, defaults to 32):
+            Dimension `d` of the latent `z`.
+        num_latent_queries (`int`, defaults to 4):
+            Learned queries appended to the posterior encoder's input; each reads out `latent_size /
+            num_latent_queries` means and log-variances. Must divide `latent_size`.
+        num_memory_slots (`int`, defaults to 4):
+            Pseudo tokens the latent becomes in every decoder layer (the latent memory).
+        num_encoder_layers (`int`, defaults to 2):
+            How many of the LLM's first decoder layers the posterior encoder copies.
+        latent_injection (`str`, defaults to `"memory"`):
+            How `z` reaches the decoder: `"memory"` (per-layer memory slots), `"embedding"` (added to every token
+            embedding, a baseline) or `"memory+embedding"`.
+        skip_connection (`str`, defaults to `"gskip"`):
+            `"gskip"`: gradient-only skip (zero in the forward pass); `"skip"`: a real skip added to the final hidden
+            states; `"none"`.
+        gskip_samples (`int`, defaults to 32):
+            Reparameterised samples of `z` averaged by the skip connection in training.
+        decoder_mode (`str`, defaults to `"frozen"`):
+            `"frozen"` (the paper: only the CVAE's own modules train), `"full"` (the decoder trains too) or
+            `"lora"` (LoRA adapters on the decoder, added by the trainer through peft).
+
+    Example:
+
+    ```python
+    >>> from transformers import LlamaConfig
+    >>> from cvae_llama import CVAELlamaConfig
+    >>> config = CVAELlamaConfig.from_llama_config(LlamaConfig(hidden_size=64, num_hidden_layers=2,
+    ...     num_attention_heads=4, intermediate_size=128, vocab_size=100), latent_size=16)
+    >>> config.latent_size, config.model_type
+    (16, 'cvae_llama')
+    ```
+    """
+
+    model_type = "cvae_llama"
+
+    latent_size: int = 32
+    num_latent_queries: int = 4
+    num_memory_slots: int = 4
+    num_encoder_layers: int = 2
+    latent_injection: str = "memory"
+    skip_connection: str = "gskip"
+    gskip_samples: int = 32
+    decoder_mode: str = "frozen"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_cvae()
+
+    def validate_cvae(self):
+        """Raise `ValueError` naming the field and its value when the CVAE fields are inconsistent."""
+
+        def positive_int(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+
+        for name in ("latent_size", "num_latent_queries", "num_memory_slots", "num_encoder_layers", "gskip_samples"):
+            positive_int(name)
+        if self.latent_size % self.num_latent_queries != 0:
+            raise ValueError(
+                f"`latent_size` ({self.latent_size}) must be divisible by `num_latent_queries` "
+                f"({self.num_latent_queries}): each query reads out an equal share of the latent"
+            )
+        if self.num_encoder_layers > self.num_hidden_layers:
+            raise ValueError(
+                f"`num_encoder_layers` ({self.num_encoder_layers}) cannot exceed the LLM's `num_hidden_layers` "
+                f"({self.num_hidden_layers})"
+            )
+        for name, allowed in (
+            ("latent_injection", LATENT_INJECTIONS),
+            ("skip_connection", SKIP_CONNECTIONS),
+            ("decoder_mode", DECODER_MODES),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}")
+
+    @property
+    def uses_memory(self) -> bool:
+        return "memory" in self.latent_injection
+
+    @property
+    def uses_embedding_injection(self) -> bool:
+        return "embedding" in self.latent_injection
+
+    @property
+    def memory_prefix_length(self) -> int:
+        """Positions taken by the memory slots in front of the real tokens (0 without memory injection)."""
+        return self.num_memory_slots if self.uses_memory else 0
+
+    @classmethod
+    def from_llama_config(cls, llama_config: LlamaConfig, **cvae_fields) -> "CVAELlamaConfig":
+        """Build a CVAE config from any `LlamaConfig` (the LLM to wrap) plus CVAE fields given as keywords."""
+        if not isinstance(llama_config, LlamaConfig):
+            raise ValueError(
+                f"`llama_config` must be a LlamaConfig (model_type 'llama'), got {type(llama_config).__name__} "
+                f"with model_type {getattr(llama_config, 'model_type', None)!r}"
+            )
+        unknown = sorted(set(cvae_fields) - set(CVAE_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown CVAE field(s) {unknown}; expected a subset of {list(CVAE_FIELDS)}")
+        values = llama_config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+            values.pop(key, None)
+        values.update(cvae_fields)
+        return cls(**values)
+
+
+__all__ = ["CVAELlamaConfig"]

@@ -1,0 +1,719 @@
+"""CVAE-Llama: a decoder-only Llama LLM turned into a conditional VAE (Zhang et al., IEEE TAI 2026).
+
+A posterior encoder q(z | x, y) built from the LLM's first layers, a per-layer latent memory through which z
+reaches every decoder layer, and the gradient-only skip connection (G-Skip). The decoder is transformers'
+`LlamaModel`, unchanged: the memory enters through a registered attention function (`AttentionInterface`) that
+receives it as a keyword argument, so it survives gradient checkpointing and needs no copy of Llama's code.
+
+This file travels to a Hub repo as remote code: it imports only torch, transformers, the standard library and
+`configuration_cvae_llama.py`. It opens no file and no connection.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, LlamaForCausalLM, LlamaModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+from transformers.utils import ModelOutput
+
+from .configuration_cvae_llama import CVAE_FIELDS, CVAELlamaConfig
+
+
+# Log-variances are soft-bounded to (-LOGVAR_BOUND, LOGVAR_BOUND) so that exp() can neither overflow nor vanish.
+LOGVAR_BOUND = 10.0
+# The attention implementations the latent memory wraps, and the prefix of their registered names.
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+LATENT_MEMORY_ATTENTION = "cvae_latent_memory|"
+
+
+@dataclass
+class CVAELlamaOutput(ModelOutput):
+    """
+    Output of [`CVAELlamaForCausalLM`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+            `reconstruction_loss + kl_loss` (the negative ELBO per token and per sequence); `reconstruction_loss`
+            alone when the latent did not come from the posterior.
+        logits (`torch.FloatTensor` of shape `(batch, sequence_length, vocab_size)`):
+            Next-token scores of the decoder.
+        reconstruction_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Token-level negative log-likelihood of the labelled tokens given the latent.
+        kl_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            KL(q(z | x, y) || N(0, I)) summed over latent dimensions and averaged over the batch; present when the
+            latent was drawn from the posterior.
+        latent (`torch.FloatTensor` of shape `(batch, latent_size)`):
+            The latent the decoder was conditioned on.
+        latent_mean, latent_logvar (`torch.FloatTensor` of shape `(batch, latent_size)`, *optional*):
+            The posterior's mean and log-variance, when the posterior was used.
+        cache (`Cache`, *optional*):
+            The decoder's key/value cache (real tokens only: the memory slots are rebuilt from the latent).
+        hidden_states, attentions (`tuple(torch.FloatTensor)`, *optional*):
+            As for `LlamaForCausalLM`, for the decoder (attention maps include the memory slots as first columns).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    reconstruction_loss: torch.FloatTensor | None = None
+    kl_loss: torch.FloatTensor | None = None
+    latent: torch.FloatTensor | None = None
+    latent_mean: torch.FloatTensor | None = None
+    latent_logvar: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def latent_memory_attention(module, query, key, value, attention_mask, latent_memory=None, **kwargs):
+    """Self-attention in which every real token also attends to the layer's latent memory slots.
+
+    `latent_memory` is a tuple over decoder layers of `(key, value)`, each `(batch, num_key_value_heads,
+    num_memory_slots, head_dim)`; the slots sit in front of the real keys like a prefix (METHOD.md, section 1.2).
+    Without it (the encoder's layers, a plain call) this is the wrapped implementation unchanged.
+    """
+    implementation = module.config._attn_implementation.removeprefix(LATENT_MEMORY_ATTENTION)
+    attention = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+    if latent_memory is not None:
+        memory_key, memory_value = latent_memory[module.layer_idx]
+        num_slots, key_length = memory_key.shape[2], key.shape[2]
+        if attention_mask is None:  # the causal pattern was left implicit (sdpa's is_causal): spell it out
+            query_length = query.shape[2]
+            attention_mask = torch.ones(query_length, key_length, dtype=torch.bool, device=query.device)
+            attention_mask = attention_mask.tril(key_length - query_length)[None, None]
+        visible = (
+            torch.ones((), dtype=torch.bool, device=query.device)
+            if attention_mask.dtype == torch.bool
+            else torch.zeros((), dtype=attention_mask.dtype, device=query.device)
+        )
+        memory_columns = visible.expand(*attention_mask.shape[:-1], num_slots)
+        attention_mask = torch.cat([memory_columns, attention_mask], dim=-1)
+        key = torch.cat([memory_key.to(key.dtype), key], dim=2)
+        value = torch.cat([memory_value.to(value.dtype), value], dim=2)
+    return attention(module, query, key, value, attention_mask, **kwargs)
+
+
+for _implementation in SUPPORTED_ATTENTION:
+    AttentionInterface.register(LATENT_MEMORY_ATTENTION + _implementation, latent_memory_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(
+        LATENT_MEMORY_ATTENTION + _implementation, ALL_MASK_ATTENTION_FUNCTIONS[_implementation]
+    )
+
+
+def reparameterize(latent_mean: torch.Tensor, latent_logvar: torch.Tensor, num_samples: int | None = None):
+    """z = mu + sigma * eps, eps ~ N(0, I): `(batch, d)`, or `(num_samples, batch, d)` when `num_samples` is given."""
+    shape = latent_mean.shape if num_samples is None else (num_samples, *latent_mean.shape)
+    noise = torch.randn(shape, dtype=latent_mean.dtype, device=latent_mean.device)
+    return latent_mean + torch.exp(0.5 * latent_logvar) * noise
+
+
+def gaussian_kl(latent_mean: torch.Tensor, latent_logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, 1)) per dimension, `(batch, d)`: 0.5 * (mu^2 + sigma^2 - log sigma^2 - 1)."""
+    return 0.5 * (latent_mean.pow(2) + latent_logvar.exp() - latent_logvar - 1.0)
+
+
+class CVAELlamaPosteriorEncoder(nn.Module):
+    """q(z | x, y): copies of the LLM's embedding and first layers, read out by learned queries appended at the end.
+
+    Input `(batch, seq)` token ids of `x + y` (left-padded); output `latent_mean`, `latent_logvar`, each
+    `(batch, latent_size)`. A fresh encoder returns exactly N(0, I) (zero-initialised read-out).
+    """
+
+    def __init__(self, config: CVAELlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(
+            [LlamaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_encoder_layers)]
+        )
+        self.rotary_emb = LlamaRotaryEmbedding(config)
+        self.latent_queries = nn.Parameter(torch.zeros(config.num_latent_queries, config.hidden_size))
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        share = 2 * config.latent_size // config.num_latent_queries  # each query: its share of mean and log-variance
+        self.to_latent_mean_logvar = nn.Sequential(
+            nn.Linear(config.hidden_size, config.hidden_size), nn.SiLU(), nn.Linear(config.hidden_size, share)
+        )
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
+        batch_size = input_ids.shape[0]
+        num_queries = self.config.num_latent_queries
+        embeds = self.embed_tokens(input_ids)
+        queries = self.latent_queries.to(embeds.dtype).expand(batch_size, -1, -1)
+        hidden_states = torch.cat([embeds, queries], dim=1)  # (batch, seq + queries, hidden): causal, queries see all
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, num_queries)], dim=1)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding does not shift positions
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            cache=None,
+            position_ids=position_ids,
+        )
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+            )
+        read_out = self.to_latent_mean_logvar(self.norm(hidden_states[:, -num_queries:]))  # (batch, queries, share)
+        latent_mean, latent_logvar = read_out.view(batch_size, num_queries, 2, -1).unbind(dim=2)
+        latent_logvar = LOGVAR_BOUND * torch.tanh(latent_logvar / LOGVAR_BOUND)
+        return latent_mean.reshape(batch_size, -1), latent_logvar.reshape(batch_size, -1)
+
+
+class CVAELlamaLatentMemoryLayer(nn.Module):
+    """z -> `num_memory_slots` pseudo token states -> keys and values for one decoder layer.
+
+    d -> sqrt(hidden) -> GELU -> slots * hidden, RMS-normed, then a copy of the layer's key and value projections.
+    """
+
+    def __init__(self, config: CVAELlamaConfig):
+        super().__init__()
+        self.num_memory_slots = config.num_memory_slots
+        self.hidden_size = config.hidden_size
+        self.head_dim = config.head_dim
+        bottleneck = int(math.sqrt(config.hidden_size))
+        self.to_states = nn.Sequential(
+            nn.Linear(config.latent_size, bottleneck),
+            nn.GELU(),
+            nn.Linear(bottleneck, config.num_memory_slots * config.hidden_size),
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        kv_size = config.num_key_value_heads * config.head_dim
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+
+    def forward(self, latent: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
+        batch_size = latent.shape[0]
+        states = self.norm(self.to_states(latent).view(batch_size, self.num_memory_slots, self.hidden_size))
+        shape = (batch_size, self.num_memory_slots, -1, self.head_dim)
+        key = self.k_proj(states).view(shape).transpose(1, 2)  # (batch, kv_heads, slots, head_dim)
+        value = self.v_proj(states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        _, key = apply_rotary_pos_emb(key, key, cos, sin)  # rotated as a prefix at positions 0 .. slots - 1
+        return key, value
+
+
+class CVAELlamaLatentMemory(nn.Module):
+    """One [`CVAELlamaLatentMemoryLayer`] per decoder layer; returns the per-layer `(key, value)` tuple."""
+
+    def __init__(self, config: CVAELlamaConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([CVAELlamaLatentMemoryLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(self, latent: torch.Tensor, rotary_emb: LlamaRotaryEmbedding) -> tuple:
+        num_slots = self.layers[0].num_memory_slots
+        position_ids = torch.arange(num_slots, device=latent.device)[None]
+        position_embeddings = rotary_emb(latent, position_ids=position_ids)
+        return tuple(layer(latent, position_embeddings) for layer in self.layers)
+
+
+class CVAELlamaLatentSkip(nn.Module):
+    """r = mean over samples of RMSNorm(MLP(z)): `(samples, batch, d)` -> `(batch, hidden)`.
+
+    G-Skip adds `r - r.detach()` to the final hidden states (zero forward, a short gradient path to the encoder);
+    the plain skip adds `r`.
+    """
+
+    def __init__(self, config: CVAELlamaConfig):
+        super().__init__()
+        self.to_hidden = nn.Sequential(
+            nn.Linear(config.latent_size, config.hidden_size), nn.SiLU(), nn.Linear(config.hidden_size, config.hidden_size)
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, latent_samples: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.to_hidden(latent_samples)).mean(dim=0)
+
+
+class CVAELlamaPreTrainedModel(PreTrainedModel):
+    config_class = CVAELlamaConfig
+    config: CVAELlamaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _can_compile_fullgraph = False
+
+    def get_correct_attn_implementation(self, requested_attention, is_init_check=False):
+        # The user asks for "eager" or "sdpa" (sdpa by default); the model runs it wrapped by
+        # `latent_memory_attention`, registered under a prefixed name.
+        if requested_attention is not None:
+            requested_attention = requested_attention.removeprefix(LATENT_MEMORY_ATTENTION)
+        implementation = super().get_correct_attn_implementation(requested_attention, is_init_check)
+        if implementation not in SUPPORTED_ATTENTION:
+            raise ValueError(
+                f"attn_implementation={implementation!r} is not supported by CVAE-Llama's latent memory; "
+                f"expected one of {SUPPORTED_ATTENTION}"
+            )
+        return LATENT_MEMORY_ATTENTION + implementation
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, CVAELlamaPosteriorEncoder):
+            init.normal_(module.latent_queries, mean=0.0, std=self.config.initializer_range)
+            # zero read-out: a new model's posterior is exactly N(0, I)
+            init.zeros_(module.to_latent_mean_logvar[-1].weight)
+            init.zeros_(module.to_latent_mean_logvar[-1].bias)
+        elif isinstance(module, CVAELlamaForCausalLM) and module.latent_to_embedding is not None:
+            # embedding injection starts as a no-op, so a new model is the LLM it wraps
+            init.zeros_(module.latent_to_embedding[-1].weight)
+            init.zeros_(module.latent_to_embedding[-1].bias)
+
+
+class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
+    r"""
+    A Llama causal LM (`self.model`, `self.lm_head`, with the checkpoint names of `LlamaForCausalLM`) conditioned
+    on a latent `z` of size `config.latent_size`, with a posterior encoder (`self.encoder`), a per-layer latent
+    memory (`self.latent_memory`), an optional embedding injection (`self.latent_to_embedding`) and the skip
+    connection (`self.latent_skip`, G-Skip by default).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import LlamaConfig
+    >>> from cvae_llama import CVAELlamaConfig, CVAELlamaForCausalLM
+    >>> config = CVAELlamaConfig.from_llama_config(LlamaConfig(hidden_size=32, intermediate_size=64,
+    ...     num_hidden_layers=2, num_attention_heads=4, vocab_size=99, bos_token_id=1), latent_size=8)
+    >>> model = CVAELlamaForCausalLM(config).eval()
+    >>> z = model.sample_prior(2)                                   # (2, 8) from N(0, I)
+    >>> out = model.generate(latent=z, max_new_tokens=5, do_sample=False)
+    >>> out.shape
+    torch.Size([2, 6])
+    ```
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: CVAELlamaConfig):
+        super().__init__(config)
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.encoder = CVAELlamaPosteriorEncoder(config)
+        self.latent_memory = CVAELlamaLatentMemory(config) if config.uses_memory else None
+        self.latent_to_embedding = (
+            nn.Sequential(
+                nn.Linear(config.latent_size, config.hidden_size),
+                nn.SiLU(),
+                nn.Linear(config.hidden_size, config.hidden_size),
+            )
+            if config.uses_embedding_injection
+            else None
+        )
+        self.latent_skip = CVAELlamaLatentSkip(config) if config.skip_connection != "none" else None
+        self.post_init()
+        self.apply_decoder_mode()
+
+    # ---------------------------------------------------------------------------------------------- parameters
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        # the encoder's own copy of the embedding follows the decoder's vocabulary
+        self.encoder.embed_tokens = self._get_resized_embeddings(
+            self.encoder.embed_tokens, embeddings.num_embeddings, None, mean_resizing
+        )
+        self.apply_decoder_mode()
+        return embeddings
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """The model's parameters by component: `encoder`, `latent_memory`, `skip` (skip and embedding injection),
+        `decoder` (the LLM: `model` and `lm_head`; tied weights counted once)."""
+        groups = {"encoder": [], "latent_memory": [], "skip": [], "decoder": []}
+        for name, parameter in self.named_parameters():
+            if name.startswith("encoder."):
+                groups["encoder"].append((name, parameter))
+            elif name.startswith("latent_memory."):
+                groups["latent_memory"].append((name, parameter))
+            elif name.startswith(("latent_skip.", "latent_to_embedding.")):
+                groups["skip"].append((name, parameter))
+            else:
+                groups["decoder"].append((name, parameter))
+        return groups
+
+    def frozen_parameter_names(self) -> set[str]:
+        """Names of the parameters that `config.decoder_mode` freezes.
+
+        `"frozen"` and `"lora"` freeze the LLM (decoder and head), the encoder's embedding copy and the memory's
+        attention copies, as in the paper; `"full"` trains everything.
+        """
+        if self.config.decoder_mode == "full":
+            return set()
+        frozen = {name for name, _ in self.parameter_groups()["decoder"]}
+        frozen |= {name for name, _ in self.encoder.named_parameters(prefix="encoder") if ".embed_tokens." in name}
+        if self.latent_memory is not None:
+            frozen |= {
+                name
+                for name, _ in self.latent_memory.named_parameters(prefix="latent_memory")
+                if name.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"))
+            }
+        return frozen
+
+    def apply_decoder_mode(self):
+        """Set `requires_grad` as `config.decoder_mode` says (see `frozen_parameter_names`)."""
+        frozen = self.frozen_parameter_names()
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(name not in frozen)
+        return self
+
+    def parameter_breakdown(self) -> dict[str, dict[str, int]]:
+        """Parameter counts per component (`encoder`, `latent_memory`, `skip`, `decoder`, `total`), each as
+        `{"trainable": n, "frozen": n}`."""
+        breakdown = {}
+        for group, parameters in self.parameter_groups().items():
+            trainable = sum(p.numel() for _, p in parameters if p.requires_grad)
+            frozen = sum(p.numel() for _, p in parameters if not p.requires_grad)
+            breakdown[group] = {"trainable": trainable, "frozen": frozen}
+        breakdown["total"] = {
+            key: sum(counts[key] for counts in breakdown.values()) for key in ("trainable", "frozen")
+        }
+        return breakdown
+
+    def print_parameter_breakdown(self) -> dict[str, dict[str, int]]:
+        """Print the parameter breakdown as a table and return it."""
+        breakdown = self.parameter_breakdown()
+        print(f"{'component':<15}{'trainable':>15}{'frozen':>15}")
+        for group, counts in breakdown.items():
+            print(f"{group:<15}{counts['trainable']:>15,}{counts['frozen']:>15,}")
+        return breakdown
+
+    # ---------------------------------------------------------------------------------------------- latent
+    def encode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
+        """Posterior q(z | x, y) of the token sequence `x + y`: `(latent_mean, latent_logvar)`, each
+        `(batch, latent_size)`."""
+        if input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            shape = None if input_ids is None else tuple(input_ids.shape)
+            raise ValueError(f"input_ids has shape {shape} but the encoder expects (batch, sequence_length >= 1)")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}"
+            )
+        return self.encoder(input_ids, attention_mask)
+
+    def sample_prior(self, batch_size: int, temperature: float = 1.0, generator: torch.Generator | None = None):
+        """`(batch_size, latent_size)` samples of N(0, temperature^2 I)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        noise = torch.randn(
+            batch_size, self.config.latent_size, generator=generator, device=self.device, dtype=torch.float32
+        )
+        return (temperature * noise).to(self.dtype)
+
+    def _check_latent(self, latent, batch_size: int, name: str = "latent") -> torch.Tensor:
+        """Validate a user latent and broadcast a `(latent_size,)` one to `(batch_size, latent_size)`."""
+        size = self.config.latent_size
+        if not isinstance(latent, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of shape (batch, {size}), got {type(latent).__name__}")
+        if not latent.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {latent.dtype}")
+        if latent.ndim == 1:
+            latent = latent[None]
+        if latent.ndim != 2 or latent.shape[-1] != size:
+            raise ValueError(f"{name} has shape {tuple(latent.shape)} but the model expects (batch, {size})")
+        if latent.shape[0] == 1 and batch_size > 1:
+            latent = latent.expand(batch_size, -1)
+        if latent.shape[0] != batch_size:
+            raise ValueError(
+                f"{name} has batch size {latent.shape[0]} but the inputs have batch size {batch_size}; "
+                f"expected (batch, {size}), (1, {size}) or ({size},)"
+            )
+        if not torch.isfinite(latent).all():
+            raise ValueError(f"{name} contains NaN or inf values")
+        return latent.to(device=self.device, dtype=self.dtype)
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        latent: torch.FloatTensor | None = None,
+        posterior_input_ids: torch.LongTensor | None = None,
+        posterior_attention_mask: torch.Tensor | None = None,
+        latent_memory: tuple | None = None,
+        **kwargs,
+    ) -> CVAELlamaOutput:
+        r"""
+        Args:
+            input_ids, attention_mask, cache, inputs_embeds, use_cache, logits_to_keep:
+                As for `LlamaForCausalLM` (`x + y`, left-padded).
+            position_ids (`torch.LongTensor` of shape `(batch, sequence_length)`, *optional*):
+                Positions of the real tokens counted from 0 (from `attention_mask` when not given); the memory
+                slots take the `num_memory_slots` positions in front of them.
+            labels (`torch.LongTensor` of shape `(batch, sequence_length)`, *optional*):
+                Tokens to reconstruct (`-100` for the prompt and padding), shifted inside as in `LlamaForCausalLM`.
+            latent (`torch.FloatTensor` of shape `(batch, latent_size)` or `(latent_size,)`, *optional*):
+                The latent to condition on. When it is not given, the model uses **the posterior** of
+                `posterior_input_ids` (or, when `labels` are given or the model is in training mode, of
+                `input_ids` itself), with one reparameterised sample; otherwise **a sample of the prior**
+                N(0, I). Loss is `reconstruction_loss + kl_loss` when the posterior was used.
+            posterior_input_ids, posterior_attention_mask (`(batch, posterior_length)`, *optional*):
+                The sequence the posterior encodes, when it differs from `input_ids`.
+            latent_memory (`tuple`, *optional*):
+                Precomputed memory (`self.latent_memory(latent, ...)`), as `generate` passes it once per call.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        batch_size, sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+
+        latent_mean = latent_logvar = None
+        if latent is None:
+            if posterior_input_ids is None and (labels is not None or self.training) and input_ids is not None:
+                posterior_input_ids, posterior_attention_mask = input_ids, attention_mask
+            if posterior_input_ids is not None:
+                if posterior_input_ids.shape[0] != batch_size:
+                    raise ValueError(
+                        f"posterior_input_ids has batch size {posterior_input_ids.shape[0]} but input_ids has "
+                        f"{batch_size}"
+                    )
+                latent_mean, latent_logvar = self.encode(posterior_input_ids, posterior_attention_mask)
+                latent = reparameterize(latent_mean, latent_logvar)
+            else:
+                latent = self.sample_prior(batch_size)
+        else:
+            latent = self._check_latent(latent, batch_size)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        if self.latent_to_embedding is not None:
+            inputs_embeds = inputs_embeds + self.latent_to_embedding(latent)[:, None]
+        if self.latent_memory is not None and latent_memory is None:
+            latent_memory = self.latent_memory(latent, self.model.rotary_emb)
+        if position_ids is None:
+            if attention_mask is not None and attention_mask.ndim == 2:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -sequence_length:]
+            else:
+                past_length = cache.get_seq_length() if cache is not None else 0
+                position_ids = torch.arange(past_length, past_length + sequence_length, device=inputs_embeds.device)
+                position_ids = position_ids[None]
+        position_ids = position_ids + self.config.memory_prefix_length
+
+        outputs = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            latent_memory=latent_memory,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+
+        if self.latent_skip is not None:
+            if latent_mean is not None:  # K reparameterised samples of q, averaged (METHOD.md, section 1.3)
+                samples = reparameterize(latent_mean, latent_logvar, self.config.gskip_samples)
+            else:
+                samples = latent[None]
+            if self.config.skip_connection == "skip":
+                hidden_states = hidden_states + self.latent_skip(samples)[:, None]
+            elif latent_mean is not None and torch.is_grad_enabled():
+                # G-Skip: r - r.detach() is exactly zero forward; backward it is a short path to the encoder
+                skip = self.latent_skip(samples)
+                hidden_states = hidden_states + (skip - skip.detach())[:, None]
+
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = reconstruction_loss = kl_loss = None
+        if latent_mean is not None:
+            kl_loss = gaussian_kl(latent_mean, latent_logvar).sum(-1).mean()
+        if labels is not None:
+            reconstruction_loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
+            loss = reconstruction_loss if kl_loss is None else reconstruction_loss + kl_loss
+
+        return CVAELlamaOutput(
+            loss=loss,
+            logits=logits,
+            reconstruction_loss=reconstruction_loss,
+            kl_loss=kl_loss,
+            latent=latent,
+            latent_mean=latent_mean,
+            latent_logvar=latent_logvar,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    # ---------------------------------------------------------------------------------------------- generate
+    @torch.no_grad()
+    def generate(self, inputs=None, generation_config=None, latent=None, latent_temperature: float = 1.0, **kwargs):
+        r"""
+        [`GenerationMixin.generate`] conditioned on a latent. Every decoding strategy, cache and `generate`
+        argument works as for `LlamaForCausalLM`.
+
+        Args:
+            latent (`torch.FloatTensor` of shape `(batch, latent_size)`, `(batch * num_return_sequences,
+                latent_size)` or `(latent_size,)`, *optional*):
+                The latent of each prompt, of each returned sequence, or of all. When not given, a fresh prior
+                sample is drawn **per returned sequence** (per prompt with beam search, whose beams share it).
+                Without a prompt, the batch size comes from the latent (and `num_return_sequences`).
+            latent_temperature (`float`, defaults to 1.0):
+                Scale of the prior samples drawn when `latent` is not given.
+        """
+        defaults = generation_config if generation_config is not None else self.generation_config
+        num_return_sequences = kwargs.get("num_return_sequences") or defaults.num_return_sequences or 1
+        num_beams = kwargs.get("num_beams") or defaults.num_beams or 1
+        prompt = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        if prompt is None and kwargs.get("inputs_embeds") is not None:
+            batch_size = kwargs["inputs_embeds"].shape[0]
+        elif prompt is not None:
+            batch_size = prompt.shape[0]
+        elif latent is None or latent.ndim == 1:
+            batch_size = 1
+        elif num_beams == 1 and latent.shape[0] % num_return_sequences == 0:
+            batch_size = latent.shape[0] // num_return_sequences
+        else:
+            batch_size = latent.shape[0]
+
+        # one latent per returned sequence: expand the prompts here so that each row has its own latent
+        rows = batch_size * num_return_sequences if num_beams == 1 else batch_size
+        if latent is None:
+            latent = self.sample_prior(rows, temperature=latent_temperature)
+        elif (
+            isinstance(latent, torch.Tensor)
+            and latent.ndim == 2
+            and latent.shape[0] == batch_size
+            and rows != batch_size
+        ):
+            latent = latent.repeat_interleave(num_return_sequences, dim=0)
+        elif isinstance(latent, torch.Tensor) and latent.ndim == 2 and latent.shape[0] not in (1, rows):
+            raise ValueError(
+                f"latent has batch size {latent.shape[0]}, which fits neither the {batch_size} prompt(s) nor "
+                f"num_return_sequences={num_return_sequences} (expected {batch_size} or {rows}, or 1)"
+            )
+        latent = self._check_latent(latent, rows)
+
+        if prompt is None and kwargs.get("inputs_embeds") is None:
+            bos_token_id = defaults.bos_token_id
+            if bos_token_id is None:
+                bos_token_id = self.config.bos_token_id
+            if bos_token_id is None:
+                raise ValueError("generate() without a prompt needs `bos_token_id` in the generation config")
+            prompt = torch.full((rows, 1), bos_token_id, dtype=torch.long, device=self.device)
+        elif num_beams == 1 and num_return_sequences > 1:
+            tensors = {key: value for key, value in kwargs.items() if isinstance(value, torch.Tensor)}
+            prompt, tensors = super()._expand_inputs_for_generation(num_return_sequences, False, prompt, **tensors)
+            kwargs.update(tensors)
+        if num_beams == 1:
+            kwargs["num_return_sequences"] = 1  # the rows are already one per returned sequence
+
+        latent_memory = None
+        if self.latent_memory is not None:
+            latent_memory = self.latent_memory(latent, self.model.rotary_emb)  # built once, in front of the cache
+        return super().generate(
+            prompt, generation_config=generation_config, latent=latent, latent_memory=latent_memory, **kwargs
+        )
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # the memory is a tuple of per-layer tensors, which the generic expansion leaves alone
+        latent_memory = model_kwargs.pop("latent_memory", None)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        if latent_memory is not None:
+            model_kwargs["latent_memory"] = tuple(
+                (key.repeat_interleave(expand_size, dim=0), value.repeat_interleave(expand_size, dim=0))
+                for key, value in latent_memory
+            )
+        return input_ids, model_kwargs
+
+    # ---------------------------------------------------------------------------------------------- from an LLM
+    @classmethod
+    def from_llm(cls, model_or_path, **kwargs) -> "CVAELlamaForCausalLM":
+        """Build a CVAE around a pretrained `LlamaForCausalLM`: a model object, a local folder or a Hub repo id.
+
+        CVAE fields (`latent_size`, `decoder_mode`, ...) are taken from `kwargs`; the other keywords go to
+        `from_pretrained` when a path is given. The decoder, the encoder's embedding and layers, and the memory's
+        key/value projections are copies of the LLM's weights; the LLM object passed in is not modified.
+        """
+        cvae_fields = {key: kwargs.pop(key) for key in list(kwargs) if key in CVAE_FIELDS}
+        if isinstance(model_or_path, PreTrainedModel):
+            llm = model_or_path
+        elif isinstance(model_or_path, str) or hasattr(model_or_path, "__fspath__"):
+            from transformers import AutoModelForCausalLM
+
+            llm = AutoModelForCausalLM.from_pretrained(model_or_path, **kwargs)
+        else:
+            raise ValueError(
+                f"model_or_path must be a LlamaForCausalLM, a folder or a repo id, got {type(model_or_path).__name__}"
+            )
+        if not isinstance(llm, LlamaForCausalLM):
+            raise ValueError(
+                f"from_llm needs a Llama-architecture causal LM (LlamaForCausalLM), got {type(llm).__name__} "
+                f"(model_type {getattr(llm.config, 'model_type', None)!r})"
+            )
+        config = CVAELlamaConfig.from_llama_config(llm.config, **cvae_fields)
+        config._attn_implementation = llm.config._attn_implementation
+        model = cls(config).to(device=llm.device, dtype=llm.dtype)
+        source = llm.state_dict()
+        with torch.no_grad():
+            missing, unexpected = model.load_state_dict(source, strict=False)
+            if unexpected:
+                raise ValueError(f"the LLM has weights the CVAE's decoder does not: {unexpected[:5]}")
+            for index, layer in enumerate(model.encoder.layers):
+                layer.load_state_dict(llm.model.layers[index].state_dict())
+            model.encoder.embed_tokens.weight.copy_(llm.model.embed_tokens.weight)
+            # the queries start at the mean token embedding, a neutral input for the copied layers
+            model.encoder.latent_queries.copy_(
+                llm.model.embed_tokens.weight.mean(dim=0, keepdim=True).expand_as(model.encoder.latent_queries)
+            )
+            if model.latent_memory is not None:
+                for memory, layer in zip(model.latent_memory.layers, llm.model.layers):
+                    memory.k_proj.load_state_dict(layer.self_attn.k_proj.state_dict())
+                    memory.v_proj.load_state_dict(layer.self_attn.v_proj.state_dict())
+                    memory.norm.weight.copy_(layer.input_layernorm.weight)
+        model.generation_config = llm.generation_config.__class__.from_dict(llm.generation_config.to_dict())
+        if getattr(llm, "name_or_path", None):
+            model.config.base_model_name_or_path = llm.name_or_path
+        return model.apply_decoder_mode()
+
+
+__all__ = [
+    "CVAELlamaForCausalLM",
+    "CVAELlamaPreTrainedModel",
+    "CVAELlamaOutput",
+    "CVAELlamaPosteriorEncoder",
+    "CVAELlamaLatentMemory",
+    "CVAELlamaLatentSkip",
+    "gaussian_kl",
+    "reparameterize",
+    "latent_memory_attention",
+]

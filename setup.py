@@ -1,0 +1,43 @@
+from setuptools import find_packages, setup
+
+
+setup(
+    name="cvae-llama",
+    version="0.1.0.dev0",
+    description="Turn a Llama-family LLM into a conditional VAE with a controllable, diverse latent (Hugging Face native).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(exclude=["tests", "tests.*", "benchmarks", "experiments"]),
+    python_requires=">=3.10",
+    # Tested range: transformers 5.24 (the 5.x line current on PyPI), torch 2.13.
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=5.24,<6",
+        "accelerate>=1.10",
+        "datasets>=4.0",
+        "peft>=0.18",
+        "safetensors>=0.6",
+        "huggingface_hub>=1.0",
+        "tqdm",
+    ],
+    extras_require={
+        "eval": ["sacrebleu>=2.4", "rouge-score>=0.1.2", "bert-score>=0.3.13", "matplotlib>=3.8"],
+        "demo": ["gguf>=0.10"],
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6",
+            "gguf>=0.10",
+            "sacrebleu>=2.4",
+            "rouge-score>=0.1.2",
+            "bert-score>=0.3.13",
+            "matplotlib>=3.8",
+            "tensorboard",
+        ],
+    },
+    entry_points={"console_scripts": ["cvae-llama=cvae_llama.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

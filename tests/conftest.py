@@ -1,0 +1,61 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# ../shared/data beside the checkout (CI lays a copy of shared/ beside the clone)
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    values = dict(
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def tiny_cvae_config(llama_overrides=None, **cvae_fields):
+    from cvae_llama import CVAELlamaConfig
+
+    cvae_fields.setdefault("latent_size", 8)
+    cvae_fields.setdefault("gskip_samples", 4)
+    return CVAELlamaConfig.from_llama_config(tiny_llama_config(**(llama_overrides or {})), **cvae_fields)
+
+
+@pytest.fixture
+def tiny_config():
+    return tiny_cvae_config()
+
+
+@pytest.fixture
+def tiny_model():
+    from cvae_llama import CVAELlamaForCausalLM
+
+    torch.manual_seed(0)
+    return CVAELlamaForCausalLM(tiny_cvae_config())
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"shared data not found at {SHARED_DATA}; the tests expect ../shared/data beside the checkout")
+    return SHARED_DATA
