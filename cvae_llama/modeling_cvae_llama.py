@@ -123,6 +123,26 @@ def gaussian_kl(latent_mean: torch.Tensor, latent_logvar: torch.Tensor) -> torch
     return 0.5 * (latent_mean.pow(2) + latent_logvar.exp() - latent_logvar - 1.0)
 
 
+class _ReentrantMemoryGradient(torch.autograd.Function):
+    """Carry the memory's gradient across reentrant gradient checkpointing.
+
+    A reentrant checkpoint replays each layer in a backward call of its own, so a memory tensor captured in the
+    layer's keyword arguments would be backpropagated once per layer through a graph freed after the first. The
+    layers get detached stand-in leaves instead; this identity on the decoder's input embeddings runs its backward
+    after every layer's (it is upstream of all of them) and hands the leaves' accumulated gradients to the memory.
+    """
+
+    @staticmethod
+    def forward(ctx, inputs_embeds, leaves, *memory):
+        ctx.leaves = leaves
+        return inputs_embeds.view_as(inputs_embeds)
+
+    @staticmethod
+    def backward(ctx, grad):
+        memory_grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in ctx.leaves]
+        return grad, None, *memory_grads
+
+
 class CVAELlamaPosteriorEncoder(nn.Module):
     """q(z | x, y): copies of the LLM's embedding and first layers, read out by learned queries appended at the end.
 
@@ -452,6 +472,12 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             raise ValueError(f"{name} contains NaN or inf values")
         return latent.to(device=self.device, dtype=self.dtype)
 
+    def _uses_reentrant_checkpointing(self) -> bool:
+        layer = self.model.layers[0]
+        checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
+        reentrant = getattr(checkpoint, "keywords", {}).get("use_reentrant", True)  # torch's default when unset
+        return bool(layer.gradient_checkpointing and self.training and torch.is_grad_enabled() and reentrant)
+
     # ---------------------------------------------------------------------------------------------- forward
     def forward(
         self,
@@ -515,6 +541,11 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             inputs_embeds = inputs_embeds + self.latent_to_embedding(latent)[:, None]
         if self.latent_memory is not None and latent_memory is None:
             latent_memory = self.latent_memory(latent, self.model.rotary_emb)
+        if latent_memory is not None and self._uses_reentrant_checkpointing():
+            memory = [tensor for key_value in latent_memory for tensor in key_value]
+            leaves = [tensor.detach().requires_grad_(tensor.requires_grad) for tensor in memory]
+            inputs_embeds = _ReentrantMemoryGradient.apply(inputs_embeds, leaves, *memory)
+            latent_memory = tuple(zip(leaves[0::2], leaves[1::2]))
         if position_ids is None:
             if attention_mask is not None and attention_mask.ndim == 2:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -sequence_length:]
@@ -654,6 +685,15 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
                 for key, value in latent_memory
             )
         return input_ids, model_kwargs
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # a saved folder is a complete Hub repo: its auto_map names AutoModel as well as AutoConfig and
+        # AutoModelForCausalLM (the latter two are added by transformers for a class registered for auto classes)
+        if self._auto_class is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoModel", f"modeling_cvae_llama.{type(self).__name__}")
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     # ---------------------------------------------------------------------------------------------- from an LLM
     @classmethod
