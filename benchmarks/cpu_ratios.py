@@ -1,0 +1,193 @@
+"""What the CVAE costs over the LLM it wraps, on CPU: ratios measured side by side in one process.
+
+    python benchmarks/cpu_ratios.py                 # the table of benchmarks/README.md (about 15 minutes here)
+    python benchmarks/cpu_ratios.py --quick         # one tiny iteration of everything (the smoke test)
+
+Shapes: SmolLM2-135M (30 layers, hidden 576), random weights; one group of 16 responses, prompt 32 + response 32
+tokens. Variants are interleaved round by round; each cell is the median of the per-round ratios, with the
+min-max spread in brackets. Peak memory is measured in fresh subprocesses (see peak_memory.py).
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    adamw,
+    build_pair,
+    cvae_step,
+    format_table,
+    interleaved,
+    make_batch,
+    plain_step,
+    ratio_summary,
+    smollm2_shape,
+)
+
+from cvae_llama.modeling_cvae_llama import reparameterize  # noqa: E402
+from cvae_llama.trainer import density_gap  # noqa: E402
+
+
+def fmt(summary) -> str:
+    median, low, high = summary
+    return f"{median:.3f} [{low:.3f}-{high:.3f}]"
+
+
+def train_ratios(layers: int, rows: int, prompt: int, response: int, repeats: int, tiny: bool = False) -> dict:
+    """Train-step time of the CVAE (frozen, full) over a full fine-tuning step of the plain LLM."""
+    shape = tiny_shape(layers) if tiny else smollm2_shape(layers)
+    plain, frozen = build_pair(shape, "frozen")
+    _, full = build_pair(shape, "full")
+    batch = make_batch(shape.vocab_size, rows, prompt, response)
+    optimizers = {name: adamw(model) for name, model in (("plain", plain), ("frozen", frozen), ("full", full))}
+    for model in (plain, frozen, full):
+        model.train()
+    times = interleaved(
+        {
+            "plain": lambda: plain_step(plain, optimizers["plain"], batch),
+            "frozen": lambda: cvae_step(frozen, optimizers["frozen"], batch),
+            "full": lambda: cvae_step(full, optimizers["full"], batch),
+        },
+        repeats=repeats,
+    )
+    return {
+        "layers": layers,
+        "tokens": f"{rows}x{prompt + response}",
+        "plain step (s)": f"{sorted(times['plain'])[len(times['plain']) // 2]:.3f}",
+        "frozen / plain": fmt(ratio_summary(times["frozen"], times["plain"])),
+        "full / plain": fmt(ratio_summary(times["full"], times["plain"])),
+        "_times": times,
+    }
+
+
+def generate_ratio(layers: int, batch_size: int, prompt: int, new_tokens: int, repeats: int, tiny=False) -> dict:
+    """New tokens per second of `generate(latent=z)` over plain `generate` (greedy, same decoder weights)."""
+    shape = tiny_shape(layers) if tiny else smollm2_shape(layers)
+    plain, cvae = build_pair(shape, "frozen")
+    plain.eval()
+    cvae.eval()
+    input_ids = make_batch(shape.vocab_size, batch_size, prompt, 0)["input_ids"]
+    latent = cvae.sample_prior(batch_size)
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=2)
+    times = interleaved(
+        {
+            "plain": lambda: plain.generate(input_ids, attention_mask=torch.ones_like(input_ids), **options),
+            "cvae": lambda: cvae.generate(
+                input_ids, attention_mask=torch.ones_like(input_ids), latent=latent, **options
+            ),
+        },
+        repeats=repeats,
+    )
+    # tokens/s ratio = (n / t_cvae) / (n / t_plain) = t_plain / t_cvae
+    return {
+        "layers": layers,
+        "batch": batch_size,
+        "new tokens": new_tokens,
+        "plain tokens/s": f"{batch_size * new_tokens / sorted(times['plain'])[repeats // 2]:.1f}",
+        "cvae / plain tokens/s": fmt(ratio_summary(times["plain"], times["cvae"])),
+    }
+
+
+def regulariser_share(layers: int, rows: int, prompt: int, response: int, repeats: int, tiny=False) -> dict:
+    """Share of one (frozen-decoder) train step spent in the DG term and the G-Skip, timed in isolation."""
+    shape = tiny_shape(layers) if tiny else smollm2_shape(layers)
+    _, cvae = build_pair(shape, "frozen")
+    cvae.train()
+    batch = make_batch(shape.vocab_size, rows, prompt, response)
+    optimizer = adamw(cvae)
+    hidden_grad = torch.randn(rows, prompt + response, shape.hidden_size)
+    mean = torch.randn(rows, cvae.config.latent_size, requires_grad=True)
+    logvar = torch.randn(rows, cvae.config.latent_size, requires_grad=True)
+
+    def dg_alone():
+        density_gap(mean, logvar, 16).backward()
+
+    def gskip_alone():
+        samples = reparameterize(mean, logvar, cvae.config.gskip_samples)
+        skip = cvae.latent_skip(samples)
+        hidden = torch.zeros(rows, prompt + response, shape.hidden_size, requires_grad=True)
+        (hidden + (skip - skip.detach())[:, None]).backward(hidden_grad)
+
+    times = interleaved(
+        {"step": lambda: cvae_step(cvae, optimizer, batch), "dg": dg_alone, "gskip": gskip_alone},
+        repeats=repeats,
+    )
+    step = sorted(times["step"])[repeats // 2]
+    dg = sorted(times["dg"])[repeats // 2]
+    gskip = sorted(times["gskip"])[repeats // 2]
+    return {
+        "layers": layers,
+        "step (s)": f"{step:.3f}",
+        "DG (ms)": f"{1000 * dg:.2f}",
+        "G-Skip (ms)": f"{1000 * gskip:.2f}",
+        "DG + G-Skip share": f"{100 * (dg + gskip) / step:.2f} %",
+    }
+
+
+def peak_memory(layers: int, rows: int, prompt: int, response: int, tiny=False) -> dict:
+    """Peak resident memory of a training step, each variant in a fresh subprocess (see peak_memory.py)."""
+    script = Path(__file__).resolve().parent / "peak_memory.py"
+    result = {}
+    for variant in ("plain", "frozen", "full"):
+        command = [sys.executable, str(script), variant, str(layers), str(rows), str(prompt), str(response)]
+        if tiny:
+            command.append("--tiny")
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        result[variant] = json.loads(output.strip().splitlines()[-1])["step_peak_mib"]
+    return {
+        "layers": layers,
+        "plain (MiB)": f"{result['plain']:.0f}",
+        "frozen / plain": f"{result['frozen'] / result['plain']:.3f}",
+        "full / plain": f"{result['full'] / result['plain']:.3f}",
+    }
+
+
+def tiny_shape(layers: int):
+    return smollm2_shape(layers, vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one tiny iteration of every measurement")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    tiny = args.quick
+    repeats = 1 if args.quick else args.repeats
+    rows, prompt, response = (4, 4, 4) if tiny else (16, 32, 32)
+    depths = (2,) if tiny else (4, 12, 30)
+    lengths = ((2, 4),) if tiny else ((16, 32), (4, 128), (2, 512))  # (rows, prompt = response) per length
+
+    sections = {}
+    sections["train step, depth sweep (one group of 16, 32 + 32 tokens)"] = [
+        train_ratios(depth, rows, prompt, response, repeats, tiny) for depth in depths
+    ]
+    sections["train step, sequence-length sweep (4 layers; fewer rows at long lengths)"] = [
+        train_ratios(depths[0], r, half, half, repeats, tiny) for r, half in lengths
+    ]
+    sections["generate, greedy, 64 new tokens, batch 8"] = [
+        generate_ratio(depth, 2 if tiny else 8, prompt, 4 if tiny else 64, max(repeats, 1), tiny) for depth in depths
+    ]
+    sections["DG term + G-Skip, share of one train step"] = [
+        regulariser_share(depth, rows, prompt, response, max(repeats, 1), tiny) for depth in depths
+    ]
+    sections["peak memory of a train step"] = [peak_memory(depth, rows, prompt, response, tiny) for depth in depths]
+
+    for title, rows_ in sections.items():
+        columns = [key for key in rows_[0] if not key.startswith("_")]
+        print(f"\n### {title}\n")
+        print(format_table(rows_, columns))
+    if args.json:
+        args.json.write_text(json.dumps(sections, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
