@@ -9,6 +9,7 @@ This file travels to a Hub repo as remote code: it imports only torch, transform
 `configuration_cvae_llama.py`. It opens no file and no connection.
 """
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -46,7 +47,7 @@ class CVAELlamaOutput(ModelOutput):
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
             `reconstruction_loss + kl_loss` (the negative ELBO per token and per sequence); `reconstruction_loss`
-            alone when the latent did not come from the posterior.
+            alone when the latent did not come from the posterior. The losses are float32, whatever the model's dtype.
         logits (`torch.FloatTensor` of shape `(batch, sequence_length, vocab_size)`):
             Next-token scores of the decoder.
         reconstruction_loss (`torch.FloatTensor` of shape `()`, *optional*):
@@ -143,6 +144,14 @@ class _ReentrantMemoryGradient(torch.autograd.Function):
         return grad, None, *memory_grads
 
 
+class ZeroInitLinear(nn.Linear):
+    """A linear layer that [`CVAELlamaPreTrainedModel`] initialises to zero (weight and bias).
+
+    The last layer of the posterior read-out (a new model's posterior is exactly N(0, I)) and of the embedding
+    injection (which starts as a no-op, so that a new model is the LLM it wraps).
+    """
+
+
 class CVAELlamaPosteriorEncoder(nn.Module):
     """q(z | x, y): copies of the LLM's embedding and first layers, read out by learned queries appended at the end.
 
@@ -162,7 +171,7 @@ class CVAELlamaPosteriorEncoder(nn.Module):
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         share = 2 * config.latent_size // config.num_latent_queries  # each query: its share of mean and log-variance
         self.to_latent_mean_logvar = nn.Sequential(
-            nn.Linear(config.hidden_size, config.hidden_size), nn.SiLU(), nn.Linear(config.hidden_size, share)
+            nn.Linear(config.hidden_size, config.hidden_size), nn.SiLU(), ZeroInitLinear(config.hidden_size, share)
         )
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
@@ -253,7 +262,9 @@ class CVAELlamaLatentSkip(nn.Module):
     def __init__(self, config: CVAELlamaConfig):
         super().__init__()
         self.to_hidden = nn.Sequential(
-            nn.Linear(config.latent_size, config.hidden_size), nn.SiLU(), nn.Linear(config.hidden_size, config.hidden_size)
+            nn.Linear(config.latent_size, config.hidden_size),
+            nn.SiLU(),
+            nn.Linear(config.hidden_size, config.hidden_size),
         )
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -287,16 +298,15 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
         return LATENT_MEMORY_ATTENTION + implementation
 
     def _init_weights(self, module):
+        # Only modules with parameters of their own reach this method for remote code (transformers skips the
+        # others), so the zero initialisations live on the linear layers themselves.
         super()._init_weights(module)
-        if isinstance(module, CVAELlamaPosteriorEncoder):
+        if isinstance(module, ZeroInitLinear):
+            init.zeros_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, CVAELlamaPosteriorEncoder):
             init.normal_(module.latent_queries, mean=0.0, std=self.config.initializer_range)
-            # zero read-out: a new model's posterior is exactly N(0, I)
-            init.zeros_(module.to_latent_mean_logvar[-1].weight)
-            init.zeros_(module.to_latent_mean_logvar[-1].bias)
-        elif isinstance(module, CVAELlamaForCausalLM) and module.latent_to_embedding is not None:
-            # embedding injection starts as a no-op, so a new model is the LLM it wraps
-            init.zeros_(module.latent_to_embedding[-1].weight)
-            init.zeros_(module.latent_to_embedding[-1].bias)
 
 
 class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
@@ -334,7 +344,7 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             nn.Sequential(
                 nn.Linear(config.latent_size, config.hidden_size),
                 nn.SiLU(),
-                nn.Linear(config.hidden_size, config.hidden_size),
+                ZeroInitLinear(config.hidden_size, config.hidden_size),
             )
             if config.uses_embedding_injection
             else None
@@ -366,7 +376,8 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
         return embeddings
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """The model's parameters by component: `encoder`, `latent_memory`, `skip` (skip and embedding injection),
+        """The model's parameters by component: `encoder`, `latent_memory`, `skip` (the skip connection, the
+        embedding injection and any module attached to the model later, such as the trainer's bag-of-words head),
         `decoder` (the LLM: `model` and `lm_head`; tied weights counted once)."""
         groups = {"encoder": [], "latent_memory": [], "skip": [], "decoder": []}
         for name, parameter in self.named_parameters():
@@ -374,10 +385,10 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
                 groups["encoder"].append((name, parameter))
             elif name.startswith("latent_memory."):
                 groups["latent_memory"].append((name, parameter))
-            elif name.startswith(("latent_skip.", "latent_to_embedding.")):
-                groups["skip"].append((name, parameter))
-            else:
+            elif name.startswith(("model.", "lm_head.")):
                 groups["decoder"].append((name, parameter))
+            else:
+                groups["skip"].append((name, parameter))
         return groups
 
     def frozen_parameter_names(self) -> set[str]:
@@ -450,8 +461,10 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
         )
         return (temperature * noise).to(self.dtype)
 
-    def _check_latent(self, latent, batch_size: int, name: str = "latent") -> torch.Tensor:
-        """Validate a user latent and broadcast a `(latent_size,)` one to `(batch_size, latent_size)`."""
+    def _check_latent(self, latent, batch_size: int | None = None, name: str = "latent") -> torch.Tensor:
+        """Validate a user latent: a finite floating-point `(batch, latent_size)`, `(1, latent_size)` or
+        `(latent_size,)` tensor, returned as `(batch_size, latent_size)` (broadcast when it has one row), or as
+        `(rows, latent_size)` when `batch_size` is None."""
         size = self.config.latent_size
         if not isinstance(latent, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor of shape (batch, {size}), got {type(latent).__name__}")
@@ -461,22 +474,31 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             latent = latent[None]
         if latent.ndim != 2 or latent.shape[-1] != size:
             raise ValueError(f"{name} has shape {tuple(latent.shape)} but the model expects (batch, {size})")
-        if latent.shape[0] == 1 and batch_size > 1:
+        if batch_size is not None and latent.shape[0] == 1 and batch_size > 1:
             latent = latent.expand(batch_size, -1)
-        if latent.shape[0] != batch_size:
+        if batch_size is not None and latent.shape[0] != batch_size:
             raise ValueError(
                 f"{name} has batch size {latent.shape[0]} but the inputs have batch size {batch_size}; "
                 f"expected (batch, {size}), (1, {size}) or ({size},)"
             )
-        if not torch.isfinite(latent).all():
-            raise ValueError(f"{name} contains NaN or inf values")
+        finite = torch.isfinite(latent)
+        if not finite.all():
+            row, column = (~finite).nonzero()[0].tolist()
+            raise ValueError(
+                f"{name} contains NaN or inf: {int((~finite).sum())} of {latent.numel()} values are not finite, "
+                f"e.g. {name}[{row}, {column}] = {latent[row, column].item()}"
+            )
         return latent.to(device=self.device, dtype=self.dtype)
 
     def _uses_reentrant_checkpointing(self) -> bool:
-        layer = self.model.layers[0]
-        checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
-        reentrant = getattr(checkpoint, "keywords", {}).get("use_reentrant", True)  # torch's default when unset
-        return bool(layer.gradient_checkpointing and self.training and torch.is_grad_enabled() and reentrant)
+        """Whether this forward runs decoder layers under reentrant gradient checkpointing."""
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        for layer in self.model.layers:
+            if layer.gradient_checkpointing:
+                checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
+                return bool(getattr(checkpoint, "keywords", {}).get("use_reentrant", True))  # torch's default
+        return False
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward(
@@ -582,8 +604,8 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, slice_indices, :])
 
         loss = reconstruction_loss = kl_loss = None
-        if latent_mean is not None:
-            kl_loss = gaussian_kl(latent_mean, latent_logvar).sum(-1).mean()
+        if latent_mean is not None:  # in float32, like the reconstruction loss of transformers' loss functions
+            kl_loss = gaussian_kl(latent_mean.float(), latent_logvar.float()).sum(-1).mean()
         if labels is not None:
             reconstruction_loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
@@ -619,41 +641,45 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             latent_temperature (`float`, defaults to 1.0):
                 Scale of the prior samples drawn when `latent` is not given.
         """
-        defaults = generation_config if generation_config is not None else self.generation_config
-        num_return_sequences = kwargs.get("num_return_sequences") or defaults.num_return_sequences or 1
-        num_beams = kwargs.get("num_beams") or defaults.num_beams or 1
+        num_return_sequences = self._generation_setting("num_return_sequences", generation_config, kwargs) or 1
+        num_beams = self._generation_setting("num_beams", generation_config, kwargs) or 1
         prompt = inputs if inputs is not None else kwargs.pop("input_ids", None)
-        if prompt is None and kwargs.get("inputs_embeds") is not None:
-            batch_size = kwargs["inputs_embeds"].shape[0]
-        elif prompt is not None:
+        if latent is not None:
+            latent = self._check_latent(latent)  # (given_rows, latent_size)
+        if prompt is not None:
             batch_size = prompt.shape[0]
-        elif latent is None or latent.ndim == 1:
+        elif kwargs.get("inputs_embeds") is not None:
+            batch_size = kwargs["inputs_embeds"].shape[0]
+        elif latent is None:
             batch_size = 1
         elif num_beams == 1 and latent.shape[0] % num_return_sequences == 0:
             batch_size = latent.shape[0] // num_return_sequences
         else:
             batch_size = latent.shape[0]
 
-        # one latent per returned sequence: expand the prompts here so that each row has its own latent
+        # one latent per returned sequence: with num_beams = 1 the prompts are expanded here, one row per returned
+        # sequence, each with its own latent; with beam search the beams of a prompt share its latent
         rows = batch_size * num_return_sequences if num_beams == 1 else batch_size
         if latent is None:
             latent = self.sample_prior(rows, temperature=latent_temperature)
-        elif (
-            isinstance(latent, torch.Tensor)
-            and latent.ndim == 2
-            and latent.shape[0] == batch_size
-            and rows != batch_size
-        ):
+        elif latent.shape[0] == batch_size and rows != batch_size:
             latent = latent.repeat_interleave(num_return_sequences, dim=0)
-        elif isinstance(latent, torch.Tensor) and latent.ndim == 2 and latent.shape[0] not in (1, rows):
+        elif num_beams > 1 and num_return_sequences > 1 and latent.shape[0] == batch_size * num_return_sequences:
+            raise ValueError(
+                f"latent has batch size {latent.shape[0]} = {batch_size} prompt(s) x num_return_sequences="
+                f"{num_return_sequences}, but with beam search (num_beams={num_beams}) the beams of a prompt share "
+                f"one latent: expected {batch_size} (one per prompt) or 1"
+            )
+        elif latent.shape[0] not in (1, rows) and rows != batch_size:
             raise ValueError(
                 f"latent has batch size {latent.shape[0]}, which fits neither the {batch_size} prompt(s) nor "
-                f"num_return_sequences={num_return_sequences} (expected {batch_size} or {rows}, or 1)"
+                f"num_return_sequences={num_return_sequences}: expected {batch_size} (one per prompt), {rows} (one "
+                f"per returned sequence) or 1"
             )
         latent = self._check_latent(latent, rows)
 
         if prompt is None and kwargs.get("inputs_embeds") is None:
-            bos_token_id = defaults.bos_token_id
+            bos_token_id = self._generation_setting("bos_token_id", generation_config, kwargs)
             if bos_token_id is None:
                 bos_token_id = self.config.bos_token_id
             if bos_token_id is None:
@@ -663,8 +689,13 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             tensors = {key: value for key, value in kwargs.items() if isinstance(value, torch.Tensor)}
             prompt, tensors = super()._expand_inputs_for_generation(num_return_sequences, False, prompt, **tensors)
             kwargs.update(tensors)
-        if num_beams == 1:
-            kwargs["num_return_sequences"] = 1  # the rows are already one per returned sequence
+        if num_beams == 1 and num_return_sequences > 1:  # the rows are already one per returned sequence
+            if generation_config is None:
+                kwargs["num_return_sequences"] = 1
+            else:  # in a copy of the user's config: generate() deprecates a config together with such keywords
+                generation_config = copy.deepcopy(generation_config)
+                generation_config.num_return_sequences = 1
+                kwargs.pop("num_return_sequences", None)
 
         latent_memory = None
         if self.latent_memory is not None:
@@ -672,6 +703,13 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
         return super().generate(
             prompt, generation_config=generation_config, latent=latent, latent_memory=latent_memory, **kwargs
         )
+
+    def _generation_setting(self, name: str, generation_config, kwargs: dict):
+        """The value `generate` will use for `name`: its keyword, else the given config's, else the model's."""
+        for value in (kwargs.get(name), getattr(generation_config, name, None), getattr(self.generation_config, name)):
+            if value is not None:
+                return value
+        return None
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         # the memory is a tuple of per-layer tensors, which the generic expansion leaves alone
@@ -685,6 +723,14 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
                 for key, value in latent_memory
             )
         return input_ids, model_kwargs
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        # loading puts new parameters in place (all trainable): freeze again what the decoder mode freezes
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.apply_decoder_mode()
+        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # a saved folder is a complete Hub repo: its auto_map names AutoModel as well as AutoConfig and
@@ -753,6 +799,7 @@ __all__ = [
     "CVAELlamaPosteriorEncoder",
     "CVAELlamaLatentMemory",
     "CVAELlamaLatentSkip",
+    "ZeroInitLinear",
     "gaussian_kl",
     "reparameterize",
     "latent_memory_attention",
