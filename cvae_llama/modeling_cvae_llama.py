@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, LlamaForCausalLM, LlamaModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.models.llama.modeling_llama import (
@@ -60,7 +60,8 @@ class CVAELlamaOutput(ModelOutput):
         latent_mean, latent_logvar (`torch.FloatTensor` of shape `(batch, latent_size)`, *optional*):
             The posterior's mean and log-variance, when the posterior was used.
         cache (`Cache`, *optional*):
-            The decoder's key/value cache (real tokens only: the memory slots are rebuilt from the latent).
+            The decoder's key/value cache. A dynamic cache starts with the `num_memory_slots` memory slots (written by
+            the first call that receives it empty), then the real tokens.
         hidden_states, attentions (`tuple(torch.FloatTensor)`, *optional*):
             As for `LlamaForCausalLM`, for the decoder (attention maps include the memory slots as first columns).
     """
@@ -561,21 +562,42 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             inputs_embeds = self.model.embed_tokens(input_ids)
         if self.latent_to_embedding is not None:
             inputs_embeds = inputs_embeds + self.latent_to_embedding(latent)[:, None]
-        if self.latent_memory is not None and latent_memory is None:
+        num_slots = self.config.memory_prefix_length
+        checkpointing = (
+            self.training and torch.is_grad_enabled() and any(layer.gradient_checkpointing for layer in self.model.layers)
+        )
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and not checkpointing and cache is None:
+            cache = DynamicCache(config=self.config)
+        # Decoding keeps the slots in front of the KV cache (written by the first call), so a step copies nothing
+        # more than the LLM's; without a (dynamic) cache, e.g. in training under gradient checkpointing, the
+        # attention function receives them as a keyword argument instead.
+        memory_in_cache = num_slots > 0 and cache is not None and not cache.is_compileable and not checkpointing
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:  # real tokens count from 0; the slots take the positions in front of them
+            if attention_mask is not None and attention_mask.ndim == 2:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -sequence_length:]
+            else:
+                real_past = max(past_length - num_slots, 0) if memory_in_cache else past_length
+                position_ids = torch.arange(real_past, real_past + sequence_length, device=inputs_embeds.device)
+                position_ids = position_ids[None]
+        position_ids = position_ids + num_slots
+
+        if self.latent_memory is not None and latent_memory is None and not (memory_in_cache and past_length):
             latent_memory = self.latent_memory(latent, self.model.rotary_emb)
+        if memory_in_cache:
+            if past_length == 0:
+                for layer_idx, (key, value) in enumerate(latent_memory):
+                    cache.update(key, value, layer_idx)
+            if attention_mask is not None and attention_mask.ndim == 2:
+                attention_mask = torch.cat([attention_mask.new_ones(batch_size, num_slots), attention_mask], dim=-1)
+            latent_memory = None
         if latent_memory is not None and self._uses_reentrant_checkpointing():
             memory = [tensor for key_value in latent_memory for tensor in key_value]
             leaves = [tensor.detach().requires_grad_(tensor.requires_grad) for tensor in memory]
             inputs_embeds = _ReentrantMemoryGradient.apply(inputs_embeds, leaves, *memory)
             latent_memory = tuple(zip(leaves[0::2], leaves[1::2]))
-        if position_ids is None:
-            if attention_mask is not None and attention_mask.ndim == 2:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -sequence_length:]
-            else:
-                past_length = cache.get_seq_length() if cache is not None else 0
-                position_ids = torch.arange(past_length, past_length + sequence_length, device=inputs_embeds.device)
-                position_ids = position_ids[None]
-        position_ids = position_ids + self.config.memory_prefix_length
 
         outputs = self.model(
             inputs_embeds=inputs_embeds,
@@ -777,15 +799,23 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             for index, layer in enumerate(model.encoder.layers):
                 layer.load_state_dict(llm.model.layers[index].state_dict())
             model.encoder.embed_tokens.weight.copy_(llm.model.embed_tokens.weight)
-            # the queries start at the mean token embedding, a neutral input for the copied layers
-            model.encoder.latent_queries.copy_(
-                llm.model.embed_tokens.weight.mean(dim=0, keepdim=True).expand_as(model.encoder.latent_queries)
-            )
+            # the queries start at the mean token embedding, a neutral input for the copied layers, plus a little
+            # noise so that they do not read out the same share of the latent
+            queries = model.encoder.latent_queries
+            queries.copy_(llm.model.embed_tokens.weight.mean(dim=0, keepdim=True).expand_as(queries))
+            queries.add_(torch.randn_like(queries) * config.initializer_range)
             if model.latent_memory is not None:
-                for memory, layer in zip(model.latent_memory.layers, llm.model.layers):
+                # Each layer's slots start at the LLM's own input state of that layer for a BOS token, so a fresh
+                # CVAE attends to a BOS-like prefix and keeps the LLM's perplexity (random slots multiply it by
+                # ~100 on SmolLM2-135M); the latent still moves the slots through the random weights of to_states.
+                bos_token_id = llm.config.bos_token_id if llm.config.bos_token_id is not None else 0
+                bos = torch.tensor([[bos_token_id]], device=llm.device)
+                bos_states = llm.model(input_ids=bos, output_hidden_states=True).hidden_states  # [l]: input of l
+                for memory, layer, state in zip(model.latent_memory.layers, llm.model.layers, bos_states):
                     memory.k_proj.load_state_dict(layer.self_attn.k_proj.state_dict())
                     memory.v_proj.load_state_dict(layer.self_attn.v_proj.state_dict())
                     memory.norm.weight.copy_(layer.input_layernorm.weight)
+                    memory.to_states[-1].bias.copy_(state[0, 0].repeat(config.num_memory_slots))
         model.generation_config = llm.generation_config.__class__.from_dict(llm.generation_config.to_dict())
         if getattr(llm, "name_or_path", None):
             model.config.base_model_name_or_path = llm.name_or_path

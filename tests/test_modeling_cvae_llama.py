@@ -108,7 +108,8 @@ def test_output_fields_shapes_and_dtypes(dtype):
     for name in ("latent", "latent_mean", "latent_logvar"):
         assert getattr(output, name).shape == (3, 8), name
         assert getattr(output, name).dtype == dtype, name
-    assert output.cache.get_seq_length() == 7  # real tokens only: the memory slots are rebuilt from the latent
+    # the memory slots sit in front of the real tokens in the cache
+    assert output.cache.get_seq_length() == model.config.num_memory_slots + 7
     # default loss: reconstruction + KL(q || N(0, I)) summed over dimensions, averaged over the batch
     assert torch.equal(output.loss, output.reconstruction_loss + output.kl_loss)
     torch.testing.assert_close(
