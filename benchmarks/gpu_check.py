@@ -119,6 +119,7 @@ def main(argv=None):
     new_tokens = 4 if args.quick else 64
     options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                    pad_token_id=shape.pad_token_id)
+    options["attention_mask"] = torch.ones_like(input_ids)
     plain_time = timed(lambda: plain.generate(input_ids, **options), repeats, device)
     cvae_time = timed(lambda: cvae.generate(input_ids, latent=latent, **options), repeats, device)
     cached = cvae.generate(input_ids, latent=latent, return_dict_in_generate=True, output_logits=True, **options)

@@ -1,0 +1,42 @@
+"""Smoke test: every benchmark script runs one tiny iteration end to end (nothing is asserted about time)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(*args):
+    result = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_cpu_ratios_quick_prints_every_table():
+    output = run(BENCHMARKS / "cpu_ratios.py", "--quick")
+    for title in ("train step, depth sweep", "sequence-length sweep", "generate, greedy", "DG term + G-Skip",
+                  "peak memory"):
+        assert title in output
+    assert "frozen / plain" in output and "cvae / plain tokens/s" in output
+
+
+def test_peak_memory_reports_one_json_line():
+    output = run(BENCHMARKS / "peak_memory.py", "frozen", 2, 2, 3, 3, "--tiny")
+    assert '"step_peak_mib"' in output.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("variant", ["bogus"])
+def test_peak_memory_refuses_an_unknown_variant(variant):
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "peak_memory.py"), variant, "2", "2", "3", "3"], capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "plain, frozen or full" in result.stderr
+
+
+def test_gpu_check_runs_tiny_on_cpu():
+    output = run(BENCHMARKS / "gpu_check.py", "--quick", "--layers", "2")
+    assert "cached vs uncached generation" in output and "decoder frozen / plain" in output
