@@ -104,6 +104,37 @@ class CVAELlamaConfig(LlamaConfig):
             if value not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}")
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """Build the config of a saved CVAE (the `config.json` of `from_pretrained` and `AutoConfig`), refusing one
+        that could load the wrong architecture in silence:
+
+        - a config of another model type (a plain Llama, a GPT-2): build a CVAE around an LLM with
+          `CVAELlamaForCausalLM.from_llm` instead;
+        - a `cvae_llama` config without one of the CVAE fields: every saved config records them all, and a default
+          (e.g. `latent_size=32`) would build another architecture than the weights were trained with.
+
+        The fields set by `kwargs` (e.g. `from_pretrained(path, latent_size=16)`) are validated too.
+        """
+        model_type = config_dict.get("model_type")
+        if model_type is not None and model_type != cls.model_type:
+            raise ValueError(
+                f"config.json has model_type {model_type!r}, not {cls.model_type!r}: it is not a CVAE-Llama; build "
+                "a CVAE around a Llama LLM with CVAELlamaForCausalLM.from_llm(path, ...)"
+            )
+        if model_type == cls.model_type:
+            missing = [name for name in CVAE_FIELDS if name not in config_dict and name not in kwargs]
+            if missing:
+                raise ValueError(
+                    f"config.json of a {cls.model_type!r} model has no {missing}: a saved CVAE-Llama config records "
+                    f"every CVAE field, and a default could build another architecture than its weights; write the "
+                    f"value(s) the model was trained with into config.json"
+                )
+        loaded = super().from_dict(config_dict, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        config.validate_cvae()  # from_dict sets the kwargs after __init__, past its validation
+        return loaded
+
     @property
     def uses_memory(self) -> bool:
         return "memory" in self.latent_injection

@@ -36,6 +36,7 @@ import hashlib
 import html
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -328,6 +329,8 @@ def _read_dailydialog_member(path: Path, split: str, name: str) -> str:
                     )
         elif candidate.is_file() and candidate.name == name:
             return candidate.read_text(encoding="utf-8")
+        elif candidate.is_file() and candidate.suffix.lower() == ".zip":
+            raise ValueError(f"{str(candidate)!r} is not a zip archive (truncated or corrupted?)")
     raise ValueError(f"split={split!r}: found no {name} in {str(path)!r} (looked for {[str(c) for c in candidates]})")
 
 
@@ -352,7 +355,17 @@ def load_prompt_response_file(path: str | os.PathLike, split: str = "train") -> 
                 raise ValueError(f"split={split!r} not in {str(path)!r}, which holds {list(dataset)}")
             dataset = dataset[split]
     elif path.suffix.lower() in builders:
-        dataset = load_dataset(builders[path.suffix.lower()], data_files=str(path), split="train")
+        builder = builders[path.suffix.lower()]
+        if path.stat().st_size == 0:
+            raise ValueError(f"path={str(path)!r} is an empty file (0 bytes); expected {builder} rows")
+        try:
+            dataset = load_dataset(builder, data_files=str(path), split="train")
+        except Exception as error:  # datasets raises many types (and a bare StopIteration) for an unreadable file
+            cause = error.__cause__ or error
+            raise ValueError(
+                f"path={str(path)!r} could not be read as {builder}: {type(cause).__name__}: "
+                f"{' '.join(str(cause).split())[:300]}"
+            ) from error
     else:
         raise ValueError(
             f"path={str(path)!r} has suffix {path.suffix!r}; expected one of {sorted(builders)} or a folder"
@@ -511,10 +524,9 @@ def group_responses(
     Returns:
         `datasets.Dataset` of groups in order of first appearance of their prompt.
     """
-    if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size={group_size!r} must be an integer >= 1")
-    if max_groups_per_prompt < 1:
-        raise ValueError(f"max_groups_per_prompt={max_groups_per_prompt} must be >= 1")
+    for name, value in (("group_size", group_size), ("max_groups_per_prompt", max_groups_per_prompt)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")
     _require_columns(dataset, ("prompt", "response"))
     _require_rows(dataset)
     group_by = group_by or ("prompt_id" if "prompt_id" in dataset.column_names else "prompt")
@@ -675,10 +687,10 @@ class OneToManyCollator:
                 "the tokenizer has no pad token: set one before building the collator, e.g. "
                 "`tokenizer.pad_token = tokenizer.eos_token` (padding is masked out and never scored)"
             )
-        if self.max_prompt_tokens < 0:
-            raise ValueError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 0")
-        if self.max_response_tokens < 1:
-            raise ValueError(f"max_response_tokens={self.max_response_tokens} must be >= 1")
+        for name, smallest in (("max_prompt_tokens", 0), ("max_response_tokens", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+                raise ValueError(f"{name}={value!r} must be >= {smallest} (an integer)")
         if self.add_eos and self.tokenizer.eos_token_id is None:
             raise ValueError(
                 "add_eos=True but the tokenizer has no eos token: set tokenizer.eos_token or add_eos=False"
@@ -807,6 +819,10 @@ def make_one_to_many(
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
     if labels is not None:
         labels = [None if label is None else int(label) for label in labels]
         if len(labels) != len(prompts):

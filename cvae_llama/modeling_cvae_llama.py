@@ -37,6 +37,8 @@ LOGVAR_BOUND = 10.0
 # The attention implementations the latent memory wraps, and the prefix of their registered names.
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 LATENT_MEMORY_ATTENTION = "cvae_latent_memory|"
+# In `from_llm`, the latent-dependent part of each memory slot starts at this fraction of the slot's constant part.
+LATENT_SHARE_AT_INIT = 0.1
 
 
 @dataclass
@@ -442,14 +444,56 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
     def encode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
         """Posterior q(z | x, y) of the token sequence `x + y`: `(latent_mean, latent_logvar)`, each
         `(batch, latent_size)`."""
-        if input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] == 0:
-            shape = None if input_ids is None else tuple(input_ids.shape)
-            raise ValueError(f"input_ids has shape {shape} but the encoder expects (batch, sequence_length >= 1)")
+        self._check_input_ids(input_ids)
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}"
             )
         return self.encoder(input_ids, attention_mask)
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, labels, posterior_input_ids) -> None:
+        """Raise `ValueError`, naming the argument and its shape or value, for inputs `forward` cannot use."""
+        if input_ids is not None:
+            self._check_input_ids(input_ids)
+            shape = tuple(input_ids.shape)
+        else:
+            if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.ndim != 3 or 0 in inputs_embeds.shape[:2]:
+                shape = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else None
+                raise ValueError(
+                    f"inputs_embeds has shape {shape} but the model expects (batch >= 1, sequence_length >= 1, "
+                    f"{self.config.hidden_size})"
+                )
+            shape = tuple(inputs_embeds.shape[:2])
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 and attention_mask.shape != shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but the inputs have {shape}")
+        if isinstance(labels, torch.Tensor) and labels.shape != shape:
+            raise ValueError(f"labels has shape {tuple(labels.shape)} but the inputs have {shape}")
+        if posterior_input_ids is not None:
+            self._check_input_ids(posterior_input_ids, "posterior_input_ids")
+
+    def _check_input_ids(self, input_ids, name: str = "input_ids") -> None:
+        """Raise `ValueError` unless `input_ids` is an integer `(batch >= 1, sequence_length >= 1)` tensor of ids in
+        the vocabulary (the value check, one reduction, is skipped while compiling)."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(
+                f"{name} must be a torch.Tensor of shape (batch, sequence_length), got {type(input_ids).__name__}"
+            )
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor of token ids, got dtype {input_ids.dtype}")
+        if input_ids.ndim != 2 or 0 in input_ids.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(input_ids.shape)} but the model expects (batch >= 1, sequence_length >= 1)"
+            )
+        if not torch.compiler.is_compiling():
+            vocab_size = self.config.vocab_size
+            outside = (input_ids < 0) | (input_ids >= vocab_size)
+            if outside.any():
+                row, column = outside.nonzero()[0].tolist()
+                raise ValueError(
+                    f"{name} holds ids outside the vocabulary of {vocab_size} tokens (0 .. {vocab_size - 1}), e.g. "
+                    f"{name}[{row}, {column}] = {input_ids[row, column].item()}; check that the tokenizer is the "
+                    f"model's (and that labels, with their -100, are not passed as {name})"
+                )
 
     def sample_prior(self, batch_size: int, temperature: float = 1.0, generator: torch.Generator | None = None):
         """`(batch_size, latent_size)` samples of N(0, temperature^2 I)."""
@@ -539,6 +583,8 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if cache is None or cache.get_seq_length() == 0:  # user inputs (later decoding steps are the model's own)
+            self._check_inputs(input_ids, inputs_embeds, attention_mask, labels, posterior_input_ids)
         batch_size, sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
 
         latent_mean = latent_logvar = None
@@ -663,9 +709,24 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             latent_temperature (`float`, defaults to 1.0):
                 Scale of the prior samples drawn when `latent` is not given.
         """
-        num_return_sequences = self._generation_setting("num_return_sequences", generation_config, kwargs) or 1
+        num_return_sequences = self._generation_setting("num_return_sequences", generation_config, kwargs)
+        if num_return_sequences is None:
+            num_return_sequences = 1
+        elif isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int):
+            raise ValueError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}")
+        elif num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}")
         num_beams = self._generation_setting("num_beams", generation_config, kwargs) or 1
+        if (
+            isinstance(latent_temperature, bool)
+            or not isinstance(latent_temperature, (int, float))
+            or not math.isfinite(latent_temperature)
+            or latent_temperature < 0
+        ):
+            raise ValueError(f"latent_temperature must be a finite number >= 0, got {latent_temperature!r}")
         prompt = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        if prompt is not None:
+            self._check_input_ids(prompt, "input_ids" if inputs is None else "inputs")
         if latent is not None:
             latent = self._check_latent(latent)  # (given_rows, latent_size)
         if prompt is not None:
@@ -747,8 +808,28 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
         return input_ids, model_kwargs
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        source = str(pretrained_model_name_or_path)
+        try:
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except RuntimeError as error:  # transformers' refusal of weights whose shapes differ from the config's
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            config = kwargs.get("config")
+            if not isinstance(config, CVAELlamaConfig):
+                config = cls.config_class.from_pretrained(pretrained_model_name_or_path)
+            fields = ", ".join(f"{name}={getattr(config, name)!r}" for name in (*CVAE_FIELDS, "vocab_size"))
+            raise ValueError(
+                f"the weights in {source!r} do not have the shapes its config gives ({fields}; see the load report "
+                "above for the tensors): its config.json was edited, or belongs to other weights"
+            ) from error
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":  # by name: this file imports only torch and transformers
+                raise
+            raise ValueError(
+                f"{source!r} holds a .safetensors file that cannot be read: it is truncated or corrupted ({error}); "
+                "save or download the model again"
+            ) from error
         # loading puts new parameters in place (all trainable): freeze again what the decoder mode freezes
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.apply_decoder_mode()
@@ -807,15 +888,22 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             if model.latent_memory is not None:
                 # Each layer's slots start at the LLM's own input state of that layer for a BOS token, so a fresh
                 # CVAE attends to a BOS-like prefix and keeps the LLM's perplexity (random slots multiply it by
-                # ~100 on SmolLM2-135M); the latent still moves the slots through the random weights of to_states.
+                # ~100 on SmolLM2-135M). The latent's part of the slots is scaled to a tenth of that state's norm:
+                # BOS states are large in deep layers (attention sinks, norm ~300 on SmolLM2-135M), and an unscaled
+                # random part (~0.3) would vanish under the RMS norm, leaving z invisible to the decoder.
                 bos_token_id = llm.config.bos_token_id if llm.config.bos_token_id is not None else 0
                 bos = torch.tensor([[bos_token_id]], device=llm.device)
                 bos_states = llm.model(input_ids=bos, output_hidden_states=True).hidden_states  # [l]: input of l
+                probe = torch.randn(64, config.latent_size, generator=torch.Generator().manual_seed(0))
+                probe = probe.to(device=llm.device, dtype=llm.dtype)
                 for memory, layer, state in zip(model.latent_memory.layers, llm.model.layers, bos_states):
                     memory.k_proj.load_state_dict(layer.self_attn.k_proj.state_dict())
                     memory.v_proj.load_state_dict(layer.self_attn.v_proj.state_dict())
                     memory.norm.weight.copy_(layer.input_layernorm.weight)
-                    memory.to_states[-1].bias.copy_(state[0, 0].repeat(config.num_memory_slots))
+                    last = memory.to_states[-1]
+                    last.bias.copy_(state[0, 0].repeat(config.num_memory_slots))
+                    varying = (memory.to_states(probe) - last.bias).norm(dim=-1).mean()
+                    last.weight.mul_(LATENT_SHARE_AT_INIT * last.bias.norm() / varying.clamp(min=1e-12))
         model.generation_config = llm.generation_config.__class__.from_dict(llm.generation_config.to_dict())
         if getattr(llm, "name_or_path", None):
             model.config.base_model_name_or_path = llm.name_or_path

@@ -23,17 +23,23 @@ step's number of groups. So 2 micro-batches of 1 group give the gradient of 1 ba
 `torchrun --nproc_per_node 2` that of one process with the same global batch.
 """
 
+import json
 import math
 import re
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
+from pathlib import Path
 
+import pyarrow
 import pyarrow.compute
 import torch
 from datasets import Dataset
+from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import modeling_cvae_llama
 from .data import OneToManyCollator
@@ -594,6 +600,70 @@ class CVAETrainingArguments(TrainingArguments):
             raise ValueError(f"`lora_alpha` must be > 0, got {self.lora_alpha!r}")
         if self.lora_dropout >= 1:
             raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}")
+        for name in ("learning_rate", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+
+
+def check_checkpoint(checkpoint: str | Path, args: TrainingArguments, sharded: bool = False) -> None:
+    """Raise `ValueError` naming the folder and the file unless `checkpoint` is a complete Trainer checkpoint.
+
+    The Trainer writes the weights, the optimizer, scheduler and RNG states, then `trainer_state.json` last, in place:
+    a run killed while saving leaves a folder that the Trainer would load in part (a missing optimizer state is
+    silently replaced by a fresh one) or fail on with an error that names no file.
+    """
+    folder = Path(checkpoint)
+
+    def refuse(problem: str):
+        raise ValueError(
+            f"resume_from_checkpoint={str(folder)!r} is not a complete checkpoint: {problem}. A run killed while "
+            "saving leaves such a folder: resume from an earlier checkpoint, or delete this one"
+        )
+
+    if not folder.is_dir():
+        refuse("no such folder")
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+    except FileNotFoundError:
+        refuse("trainer_state.json is missing (the Trainer writes it last)")
+    except (ValueError, KeyError, TypeError) as error:
+        refuse(f"trainer_state.json is truncated or corrupted ({type(error).__name__}: {error})")
+    if not sharded:
+        for index in folder.glob("*.safetensors.index.json"):
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            if missing := sorted(name for name in shards if not (folder / name).is_file()):
+                refuse(f"{missing} listed in {index.name} are missing")
+        weights = sorted(folder.glob("*.safetensors"))
+        if not weights:
+            refuse("model.safetensors (or adapter_model.safetensors) is missing")
+        for file in weights:  # the header must describe the whole file: a truncated one fails here
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except Exception as error:  # safetensors raises its own error types
+                refuse(f"{file.name} is truncated or corrupted ({error})")
+    states = [] if args.save_only_model or sharded else ["optimizer.pt", "scheduler.pt"]
+    states.append("rng_state.pth" if args.world_size <= 1 else f"rng_state_{args.process_index}.pth")
+    for name in states:  # torch.save files are zip archives whose directory is written last
+        if not (folder / name).is_file():
+            refuse(f"{name} is missing (the Trainer would start a fresh one in silence)")
+        try:
+            zipfile.ZipFile(folder / name).close()
+        except (zipfile.BadZipFile, OSError) as error:
+            refuse(f"{name} is truncated or corrupted ({error})")
+
+
+def _is_complete(checkpoint: Path, args: TrainingArguments, sharded: bool) -> bool:
+    try:
+        check_checkpoint(checkpoint, args, sharded)
+    except ValueError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
@@ -711,6 +781,32 @@ class CVAETrainer(Trainer):
             self._validate_train_dataset(train_dataset)
 
     # ------------------------------------------------------------------------------------------ validation
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`, refusing an incomplete checkpoint (see [`check_checkpoint`]) before anything is loaded."""
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        if resume_from_checkpoint is True:
+            output_dir = Path(self.args.output_dir)
+            found = output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if output_dir.is_dir() else []
+            checkpoints = sorted(
+                (path for path in found if path.is_dir() and path.name.rsplit("-", 1)[-1].isdigit()),
+                key=lambda path: int(path.name.rsplit("-", 1)[-1]),
+                reverse=True,
+            )
+            if not checkpoints:
+                raise ValueError(f"resume_from_checkpoint=True but output_dir={str(output_dir)!r} has no checkpoint")
+            try:
+                check_checkpoint(checkpoints[0], self.args, sharded)
+            except ValueError as error:
+                complete = next((path for path in checkpoints[1:] if _is_complete(path, self.args, sharded)), None)
+                hint = f"; the newest complete one is {str(complete)!r}" if complete else "; no complete one is left"
+                raise ValueError(f"{error}{hint}") from None
+            resume_from_checkpoint = str(checkpoints[0])
+        elif resume_from_checkpoint not in (None, False):
+            check_checkpoint(resume_from_checkpoint, self.args, sharded)
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+        )
+
     def _validate_train_dataset(self, dataset) -> None:
         """Check the training data before the first step: columns, a collated first batch, group sizes."""
         args = self.args
@@ -734,6 +830,13 @@ class CVAETrainer(Trainer):
                     f"objective='dg' aggregates the posteriors of each prompt's responses, but train_dataset has flat "
                     f"rows (columns {columns}): every group would have 1 response; group them with "
                     "cvae_llama.data.group_responses(dataset, group_size >= 2), or set dg_grouping='batch'"
+                )
+        if isinstance(dataset, Dataset) and "responses" in dataset.column_names:
+            column_type = dataset.data.schema.field("responses").type
+            if not (pyarrow.types.is_list(column_type) or pyarrow.types.is_large_list(column_type)):
+                raise ValueError(
+                    f"train_dataset's 'responses' column holds {column_type} values; expected a list of strings per "
+                    "row (the responses of one prompt, see cvae_llama.data.group_responses)"
                 )
         if needs_groups and isinstance(dataset, Dataset) and "responses" in dataset.column_names:
             sizes = pyarrow.compute.list_value_length(dataset.with_format("arrow")["responses"])
@@ -949,6 +1052,7 @@ __all__ = [
     "apply_lora",
     "attach_bow_head",
     "bag_of_words_nll",
+    "check_checkpoint",
     "cvae_modules_to_save",
     "cyclical_beta",
     "density_gap",
