@@ -9,6 +9,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(exclude=["tests", "tests.*", "benchmarks", "experiments"]),
+    # the Hub model card template (cvae_llama/model_card.md links to the one at the root), for `cvae-llama export`
+    package_data={"cvae_llama": ["model_card.md"]},
     python_requires=">=3.10",
     # Tested range: transformers 5.24 (the 5.x line current on PyPI), torch 2.13.
     install_requires=[
