@@ -2,12 +2,12 @@
 
     python benchmarks/peak_memory.py frozen 30 16 32 32
 
-Prints one JSON line: `step_peak_mib`, the process's peak resident set after two training steps minus its
-resident set after the imports (weights + gradients + optimizer states + activations).
+Prints one JSON line: `step_peak_mib`, the process's peak resident set (VmHWM) after two training steps minus its
+resident set after the imports (weights + gradients + optimizer states + activations). VmHWM, unlike
+`getrusage`'s ru_maxrss, starts afresh in a new program (ru_maxrss keeps the parent's peak across fork and exec).
 """
 
 import json
-import resource
 import sys
 from pathlib import Path
 
@@ -21,9 +21,13 @@ from common import adamw, cvae_step, make_batch, plain_step, smollm2_shape  # no
 from cvae_llama import CVAELlamaConfig, CVAELlamaForCausalLM  # noqa: E402
 
 
-def resident_mib() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+def status_mib(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (Linux), in MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def main(argv=None):
@@ -31,7 +35,7 @@ def main(argv=None):
     variant, layers, rows, prompt, response = argv[0], *map(int, argv[1:5])
     if variant not in ("plain", "frozen", "full"):
         raise SystemExit(f"variant must be plain, frozen or full, got {variant!r}")
-    baseline = resident_mib()
+    baseline = status_mib("VmRSS")
     shape = smollm2_shape(layers)
     if "--tiny" in argv:
         from cpu_ratios import tiny_shape
@@ -47,7 +51,7 @@ def main(argv=None):
     batch = make_batch(shape.vocab_size, rows, prompt, response)
     for _ in range(2):
         step(model, optimizer, batch)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mib("VmHWM")
     print(json.dumps({"variant": variant, "step_peak_mib": peak - baseline}))
 
 
