@@ -72,6 +72,21 @@ def _groups(group_ids: torch.Tensor | None, batch_size: int, device: torch.devic
     return [torch.nonzero(group_ids == group, as_tuple=True)[0] for group in torch.unique(group_ids)]
 
 
+def _posterior_samples(latent_mean, latent_logvar, num_samples, latent_samples) -> torch.Tensor:
+    """`latent_samples` checked, or `num_samples` reparameterised samples of the posterior: `(S, batch, d)`."""
+    _check_posterior(latent_mean, latent_logvar)
+    if latent_samples is None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        return modeling_cvae_llama.reparameterize(latent_mean, latent_logvar, num_samples)
+    if latent_samples.ndim != 3 or latent_samples.shape[1:] != latent_mean.shape:
+        raise ValueError(
+            f"latent_samples has shape {tuple(latent_samples.shape)} but the posterior expects "
+            f"(num_samples, {latent_mean.shape[0]}, {latent_mean.shape[1]})"
+        )
+    return latent_samples
+
+
 def _log_normal(value: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """log N(value; mean, exp(logvar)) elementwise (broadcasting)."""
     return -0.5 * (LOG_2PI + logvar + (value - mean).pow(2) * torch.exp(-logvar))
@@ -181,16 +196,7 @@ def density_gap(
         `torch.Tensor` of shape `()`: **the mean over groups** of each group's R_DG (so a batch of groups of equal
         size gives the mean of the groups computed alone, and the loss of a batch does not grow with its size).
     """
-    _check_posterior(latent_mean, latent_logvar)
-    if latent_samples is None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        latent_samples = modeling_cvae_llama.reparameterize(latent_mean, latent_logvar, num_samples)
-    elif latent_samples.ndim != 3 or latent_samples.shape[1:] != latent_mean.shape:
-        raise ValueError(
-            f"latent_samples has shape {tuple(latent_samples.shape)} but the posterior expects "
-            f"(num_samples, {latent_mean.shape[0]}, {latent_mean.shape[1]})"
-        )
+    latent_samples = _posterior_samples(latent_mean, latent_logvar, num_samples, latent_samples)
     per_group = []
     for rows in _groups(group_ids, latent_mean.shape[0], latent_mean.device):
         samples = latent_samples[:, rows, None, :]  # (S, M_i, 1, d): z_{i,s}
@@ -228,16 +234,7 @@ def mutual_information(
     Returns:
         `torch.Tensor` of shape `()`: the mean over groups, in nats.
     """
-    _check_posterior(latent_mean, latent_logvar)
-    if latent_samples is None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        latent_samples = modeling_cvae_llama.reparameterize(latent_mean, latent_logvar, num_samples)
-    elif latent_samples.ndim != 3 or latent_samples.shape[1:] != latent_mean.shape:
-        raise ValueError(
-            f"latent_samples has shape {tuple(latent_samples.shape)} but the posterior expects "
-            f"(num_samples, {latent_mean.shape[0]}, {latent_mean.shape[1]})"
-        )
+    latent_samples = _posterior_samples(latent_mean, latent_logvar, num_samples, latent_samples)
     per_group = []
     for rows in _groups(group_ids, latent_mean.shape[0], latent_mean.device):
         samples = latent_samples[:, rows, None, :]  # (S, M_i, 1, d)

@@ -42,6 +42,16 @@ def tiny_cvae_config(llama_overrides=None, **cvae_fields):
 
 
 @pytest.fixture
+def one_thread():
+    """Torch on one thread: for tiny models threads only add overhead, and on a busy 2-core machine two threads fight
+    (a tiny model's forward up to 40x slower, SmolLM2's 2.6x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_config():
     return tiny_cvae_config()
 

@@ -50,6 +50,9 @@ from cvae_llama.modeling_cvae_llama import CVAELlamaForCausalLM
 from cvae_llama.trainer import CVAETrainer, CVAETrainingArguments
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -381,15 +384,6 @@ CASES = {
         CommandFailed, ("truncated'", "truncated or corrupted"), exit_code=1,
     ),
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: one thread is much faster than several on a shared CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", list(CASES))

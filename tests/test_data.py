@@ -411,16 +411,7 @@ PROMPTS = ["the food was", "never going back", "", "Stocks rose on", "What do yo
 
 
 @pytest.fixture
-def single_thread():
-    """Tiny models: threads only add overhead, and contention on a shared machine (20 s instead of 0.4 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def sampler(bpe_tokenizer, single_thread) -> LlamaForCausalLM:
+def sampler(bpe_tokenizer, one_thread) -> LlamaForCausalLM:
     torch.manual_seed(0)
     return LlamaForCausalLM(tiny_llama_config(vocab_size=len(bpe_tokenizer))).eval()
 
@@ -450,7 +441,7 @@ def test_make_one_to_many(sampler, bpe_tokenizer, tmp_path):
     assert twice["response"][:3] != twice["response"][3:]
 
 
-def test_make_one_to_many_with_a_cvae(tmp_path, single_thread):
+def test_make_one_to_many_with_a_cvae(tmp_path, one_thread):
     """A CVAE samples like any causal LM (one prior latent per response)."""
     torch.manual_seed(0)
     model = CVAELlamaForCausalLM(tiny_cvae_config())

@@ -44,6 +44,9 @@ from cvae_llama.evaluation import (
 from cvae_llama.modeling_cvae_llama import LOGVAR_BOUND, CVAELlamaForCausalLM
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 WORDS = (
     "the a cat dog sat ran on under mat house big small red blue green market stocks rose fell team won lost game "
     "match news world sports business science tech price oil bank rate new old good bad day night and or of to in "
@@ -86,15 +89,6 @@ def set_constant_posterior(model, latent_mean: float, latent_logvar: float):
         read_out.bias[:share] = latent_mean
         read_out.bias[share:] = raw_logvar
     return model
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One thread: on a busy 2-core machine two threads fight (a tiny model's forward 40x, SmolLM2's 2.6x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -26,17 +26,11 @@ from safetensors.torch import load_file
 from cvae_llama.trainer import CVAETrainer, CVAETrainingArguments
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 SCRIPT = Path(__file__).resolve().parent / "resume_train.py"
 MAX_STEPS, SAVE_STEPS = 8, 2
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: one thread is much faster than several on a shared CPU (and resume_train.py uses one too)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

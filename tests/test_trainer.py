@@ -27,13 +27,7 @@ from cvae_llama.trainer import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: one thread is ~20x faster than several on a shared CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
