@@ -69,26 +69,18 @@ def build_groups(num_groups: int = 4, group_size: int = 3):
 
 def build_model(tokenizer, seed: int = 0, **cvae_fields):
     """A tiny `CVAELlamaForCausalLM` (hidden 32, 2 layers, latent 8) over the tokenizer's vocabulary, seeded."""
-    from transformers import LlamaConfig
+    from conftest import tiny_cvae_config  # this folder is on the path for the tests and for torchrun alike
 
-    from cvae_llama.configuration_cvae_llama import CVAELlamaConfig
     from cvae_llama.modeling_cvae_llama import CVAELlamaForCausalLM
 
-    llama_config = LlamaConfig(
+    llama_overrides = dict(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=128,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    cvae_fields.setdefault("latent_size", 8)
-    cvae_fields.setdefault("gskip_samples", 4)
-    config = CVAELlamaConfig.from_llama_config(llama_config, **cvae_fields)
+    config = tiny_cvae_config(llama_overrides, **cvae_fields)
     torch.manual_seed(seed)
     model = CVAELlamaForCausalLM(config)
     with torch.no_grad():
