@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_ratios.py                 # the table of benchmarks/README.md (about 15 minutes here)
     python benchmarks/cpu_ratios.py --quick         # one tiny iteration of everything (the smoke test)
+    python benchmarks/cpu_ratios.py --sections depth generate --threads 2   # some of the tables
 
 Shapes: SmolLM2-135M (30 layers, hidden 576), random weights; one group of 16 responses, prompt 32 + response 32
 tokens. Variants are interleaved round by round; each cell is the median of the per-round ratios, with the
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -40,19 +42,29 @@ def fmt(summary) -> str:
 
 
 def train_ratios(layers: int, rows: int, prompt: int, response: int, repeats: int, tiny: bool = False) -> dict:
-    """Train-step time of the CVAE (frozen, full) over a full fine-tuning step of the plain LLM."""
+    """Train-step time of the CVAE (frozen, full) over a full fine-tuning step of the plain LLM.
+
+    Also a plain LLM with as many more layers as the CVAE's posterior encoder has (2): the encoder runs those layers
+    over the same tokens, so `plain + encoder layers / plain` is the floor of `full / plain` for this architecture.
+    """
     shape = tiny_shape(layers) if tiny else smollm2_shape(layers)
     plain, frozen = build_pair(shape, "frozen")
     _, full = build_pair(shape, "full")
+    deeper_shape = tiny_shape(layers) if tiny else smollm2_shape(layers)
+    deeper_shape.num_hidden_layers = layers + full.config.num_encoder_layers
+    torch.manual_seed(0)
+    deeper = LlamaForCausalLM(deeper_shape)
     batch = make_batch(shape.vocab_size, rows, prompt, response)
-    optimizers = {name: adamw(model) for name, model in (("plain", plain), ("frozen", frozen), ("full", full))}
-    for model in (plain, frozen, full):
+    models = {"plain": plain, "frozen": frozen, "full": full, "deeper": deeper}
+    optimizers = {name: adamw(model) for name, model in models.items()}
+    for model in models.values():
         model.train()
     times = interleaved(
         {
             "plain": lambda: plain_step(plain, optimizers["plain"], batch),
             "frozen": lambda: cvae_step(frozen, optimizers["frozen"], batch),
             "full": lambda: cvae_step(full, optimizers["full"], batch),
+            "deeper": lambda: plain_step(deeper, optimizers["deeper"], batch),
         },
         repeats=repeats,
     )
@@ -62,6 +74,7 @@ def train_ratios(layers: int, rows: int, prompt: int, response: int, repeats: in
         "plain step (s)": f"{sorted(times['plain'])[len(times['plain']) // 2]:.3f}",
         "frozen / plain": fmt(ratio_summary(times["frozen"], times["plain"])),
         "full / plain": fmt(ratio_summary(times["full"], times["plain"])),
+        "plain + encoder layers / plain": fmt(ratio_summary(times["deeper"], times["plain"])),
         "_times": times,
     }
 
@@ -148,6 +161,9 @@ def peak_memory(layers: int, rows: int, prompt: int, response: int, tiny=False) 
     }
 
 
+SECTIONS = ("depth", "length", "generate", "share", "memory")
+
+
 def tiny_shape(layers: int):
     return smollm2_shape(layers, vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                          num_key_value_heads=2)
@@ -158,8 +174,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="one tiny iteration of every measurement")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="measurements to run (default: all)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     tiny = args.quick
     repeats = 1 if args.quick else args.repeats
     rows, prompt, response = (4, 4, 4) if tiny else (16, 32, 32)
@@ -167,19 +187,25 @@ def main(argv=None):
     lengths = ((2, 4),) if tiny else ((16, 32), (4, 128), (2, 512))  # (rows, prompt = response) per length
 
     sections = {}
-    sections["train step, depth sweep (one group of 16, 32 + 32 tokens)"] = [
-        train_ratios(depth, rows, prompt, response, repeats, tiny) for depth in depths
-    ]
-    sections["train step, sequence-length sweep (4 layers; fewer rows at long lengths)"] = [
-        train_ratios(depths[0], r, half, half, repeats, tiny) for r, half in lengths
-    ]
-    sections["generate, greedy, 64 new tokens, batch 8"] = [
-        generate_ratio(depth, 2 if tiny else 8, prompt, 4 if tiny else 64, max(repeats, 1), tiny) for depth in depths
-    ]
-    sections["DG term + G-Skip, share of one train step"] = [
-        regulariser_share(depth, rows, prompt, response, max(repeats, 1), tiny) for depth in depths
-    ]
-    sections["peak memory of a train step"] = [peak_memory(depth, rows, prompt, response, tiny) for depth in depths]
+    if "depth" in args.sections:
+        sections["train step, depth sweep (one group of 16, 32 + 32 tokens)"] = [
+            train_ratios(depth, rows, prompt, response, repeats, tiny) for depth in depths
+        ]
+    if "length" in args.sections:
+        sections["train step, sequence-length sweep (4 layers; fewer rows at long lengths)"] = [
+            train_ratios(depths[0], r, half, half, repeats, tiny) for r, half in lengths
+        ]
+    if "generate" in args.sections:
+        sections["generate, greedy, 64 new tokens, batch 8"] = [
+            generate_ratio(depth, 2 if tiny else 8, prompt, 4 if tiny else 64, max(repeats, 1), tiny)
+            for depth in depths
+        ]
+    if "share" in args.sections:
+        sections["DG term + G-Skip, share of one train step"] = [
+            regulariser_share(depth, rows, prompt, response, max(repeats, 1), tiny) for depth in depths
+        ]
+    if "memory" in args.sections:
+        sections["peak memory of a train step"] = [peak_memory(depth, rows, prompt, response, tiny) for depth in depths]
 
     for title, rows_ in sections.items():
         columns = [key for key in rows_[0] if not key.startswith("_")]

@@ -105,6 +105,14 @@ def latent_memory_attention(module, query, key, value, attention_mask, latent_me
         attention_mask = torch.cat([memory_columns, attention_mask], dim=-1)
         key = torch.cat([memory_key.to(key.dtype), key], dim=2)
         value = torch.cat([memory_value.to(value.dtype), value], dim=2)
+        if implementation == "sdpa" and query.device.type == "cpu" and not kwargs.get("output_attentions"):
+            # With a mask, transformers' sdpa path repeats the keys and values for every query head (a copy kept
+            # for backward in each layer); CPU's fused kernel takes the mask and the grouped keys as they are.
+            output = nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=kwargs.get("dropout", 0.0),
+                scale=kwargs.get("scaling"), enable_gqa=query.shape[1] != key.shape[1],
+            )  # fmt: skip
+            return output.transpose(1, 2).contiguous(), None
     return attention(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -397,19 +405,20 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
     def frozen_parameter_names(self) -> set[str]:
         """Names of the parameters that `config.decoder_mode` freezes.
 
-        `"frozen"` and `"lora"` freeze the LLM (decoder and head), the encoder's embedding copy and the memory's
-        attention copies, as in the paper; `"full"` trains everything.
+        Every mode freezes the encoder's embedding copy and the memory's key / value projections: they are copies
+        of the LLM's embedding and attention projections, as in the paper, and training them would cost 16 bytes a
+        parameter with AdamW (at SmolLM2's shape the embedding copy alone is a fifth of the LLM). `"frozen"` and
+        `"lora"` also freeze the LLM (decoder and head); `"full"` trains it.
         """
-        if self.config.decoder_mode == "full":
-            return set()
-        frozen = {name for name, _ in self.parameter_groups()["decoder"]}
-        frozen |= {name for name, _ in self.encoder.named_parameters(prefix="encoder") if ".embed_tokens." in name}
+        frozen = {name for name, _ in self.encoder.named_parameters(prefix="encoder") if ".embed_tokens." in name}
         if self.latent_memory is not None:
             frozen |= {
                 name
                 for name, _ in self.latent_memory.named_parameters(prefix="latent_memory")
                 if name.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"))
             }
+        if self.config.decoder_mode != "full":
+            frozen |= {name for name, _ in self.parameter_groups()["decoder"]}
         return frozen
 
     def apply_decoder_mode(self):

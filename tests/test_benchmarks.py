@@ -22,6 +22,20 @@ def test_cpu_ratios_quick_prints_every_table():
                   "peak memory"):
         assert title in output
     assert "frozen / plain" in output and "cvae / plain tokens/s" in output
+    assert "plain + encoder layers / plain" in output
+
+
+def test_cpu_ratios_runs_only_the_sections_asked_for():
+    output = run(BENCHMARKS / "cpu_ratios.py", "--quick", "--sections", "share", "--threads", "1")
+    assert "DG term + G-Skip" in output and "depth sweep" not in output and "peak memory" not in output
+
+
+def test_memory_breakdown_attributes_every_component():
+    output = run(BENCHMARKS / "memory_breakdown.py", "--tiny")
+    header, _, *rows = output.strip().splitlines()
+    assert header == "| MiB | plain | CVAE frozen | CVAE full |"
+    names = {row.split("|")[1].strip() for row in rows}
+    assert {"weights", "gradients + AdamW states", "saved: encoder", "saved: latent_memory", "total"} <= names
 
 
 def test_peak_memory_reports_one_json_line():
