@@ -262,7 +262,7 @@ def _format(value) -> str:
         return "-"
     if isinstance(value, str):
         return value
-    return f"{value:.2f}" if abs(value) < 1000 else f"{value:,.0f}"
+    return f"{value:.2f}" if abs(value) < 100 else f"{value:,.0f}"
 
 
 def collect(out: Path, runs: list[tuple[Row, int]], label_names: dict) -> dict:
