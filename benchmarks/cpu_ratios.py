@@ -50,10 +50,8 @@ def train_ratios(layers: int, rows: int, prompt: int, response: int, repeats: in
     shape = tiny_shape(layers) if tiny else smollm2_shape(layers)
     plain, frozen = build_pair(shape, "frozen")
     _, full = build_pair(shape, "full")
-    deeper_shape = tiny_shape(layers) if tiny else smollm2_shape(layers)
-    deeper_shape.num_hidden_layers = layers + full.config.num_encoder_layers
     torch.manual_seed(0)
-    deeper = LlamaForCausalLM(deeper_shape)
+    deeper = LlamaForCausalLM((tiny_shape if tiny else smollm2_shape)(layers + full.config.num_encoder_layers))
     batch = make_batch(shape.vocab_size, rows, prompt, response)
     models = {"plain": plain, "frozen": frozen, "full": full, "deeper": deeper}
     optimizers = {name: adamw(model) for name, model in models.items()}

@@ -17,12 +17,15 @@ evaluation's references, which are the base LM's samples).
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from cvae_llama.evaluation.plots import _pyplot  # matplotlib with the file-only Agg backend
 
 
 # ---------------------------------------------------------------------------------------------------- the table
@@ -284,8 +287,8 @@ def collect(out: Path, runs: list[tuple[Row, int]], label_names: dict) -> dict:
         values = {name: _value(getter, results) for name, getter in COLUMNS}
         values.update(_control_columns(results, label_names))
         timings = folder / "timings.json"
-        values["train s"] = json.loads(timings.read_text()).get("train") if timings.exists() else None
         recorded = json.loads(timings.read_text()) if timings.exists() else {}
+        values["train s"] = recorded.get("train")
         values["eval s"] = sum(value for step, value in recorded.items() if step.startswith("evaluate")) or None
         if "dialogue" in results:
             for key, value in results["dialogue"].items():
@@ -300,12 +303,10 @@ def collect(out: Path, runs: list[tuple[Row, int]], label_names: dict) -> dict:
 
 
 def _median_and_spread(values: list[float | None]) -> tuple[float | None, float | None]:
-    present = sorted(value for value in values if value is not None)
+    present = [value for value in values if value is not None]
     if not present:
         return None, None
-    middle = len(present) // 2
-    median = present[middle] if len(present) % 2 else (present[middle - 1] + present[middle]) / 2
-    return median, (present[-1] - present[0]) if len(present) > 1 else None
+    return statistics.median(present), (max(present) - min(present)) if len(present) > 1 else None
 
 
 def markdown_table(collected: dict, seed: int) -> str:
@@ -365,11 +366,7 @@ def plot_latent_spaces(out: Path, seed: int, path: Path, rows: tuple[str, ...] =
     images = [out / f"{name}-seed{seed}" / "evaluation" / "latent_space.png" for name in rows]
     if not all(image.exists() for image in images):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     figure, axes = plt.subplots(1, len(images), figsize=(6 * len(images), 5))
     for axis, image, name in zip(axes, images, rows):
         axis.imshow(plt.imread(image))
@@ -383,11 +380,7 @@ def plot_latent_spaces(out: Path, seed: int, path: Path, rows: tuple[str, ...] =
 
 def plot_sweep(out: Path, seed: int, path: Path, collected: dict) -> Path | None:
     """Distinct-4 against ROUGE-Lsum (to the base LM's samples) across the latent-temperature sweep of the main rows."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6.5, 5))
     drawn = 0
     for name in SWEEP_ROWS:
@@ -435,11 +428,9 @@ def write_summary(out: Path, setup: DatasetSetup, runs: list[tuple[Row, int]], b
             parts += [f"### dialogue, against the human responses (seed {seed})", "", dialogue, ""]
     if len(seeds) > 1:
         parts += ["## over seeds: median ± half the range", "", seeds_table(collected), ""]
-    plots = {}
-    for seed in seeds[:1]:
-        latent = plot_latent_spaces(out, seed, out / "latent_space_vanilla_vs_dg_gskip.png")
-        sweep = plot_sweep(out, seed, out / "temperature_sweep.png", collected)
-        plots = {key: str(value) for key, value in (("latent_space", latent), ("sweep", sweep)) if value}
+    latent = plot_latent_spaces(out, seeds[0], out / "latent_space_vanilla_vs_dg_gskip.png")
+    sweep = plot_sweep(out, seeds[0], out / "temperature_sweep.png", collected)
+    plots = {key: str(value) for key, value in (("latent_space", latent), ("sweep", sweep)) if value}
     parts += ["## commands", "", "```bash", *commands, "```", ""]
     (out / "summary.md").write_text("\n".join(parts))
     summary = {"dataset": setup.name, "budget": budget.__dict__, "plots": plots, **collected}
@@ -512,6 +503,7 @@ def main(argv=None) -> dict:
         runs = dataset_runs(setup, args, seeds, key_seeds)
         out = Path(args.output_dir) / name
         start = time.perf_counter()
+        runner.commands = []  # this dataset's steps only
         run_dataset(setup, runs, budget, model, Path(args.data_root), out, runner, args.jobs)
         if args.dry_run:
             print("\n".join(runner.commands))
@@ -519,7 +511,6 @@ def main(argv=None) -> dict:
         summaries[name] = write_summary(out, setup, runs, budget, seeds + key_seeds, runner.commands)
         summaries[name]["wall_clock_s"] = round(time.perf_counter() - start, 1)
         print((out / "summary.md").read_text())
-        runner.commands = []
     return summaries
 
 
