@@ -86,14 +86,16 @@ def cvae_step(model: CVAELlamaForCausalLM, optimizer: torch.optim.Optimizer, bat
     """A CVAE step with the paper's objective: reconstruction + density gap over the group, G-Skip in the model."""
     outputs = model(**batch)
     loss = outputs.reconstruction_loss + density_gap(outputs.latent_mean, outputs.latent_logvar, dg_samples)
+    del outputs  # as in CVAETrainer and plain_step: the logits (rows x tokens x vocab) are not kept through backward
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
 
-def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.95))
+def adamw(model: torch.nn.Module, fused: bool | None = None) -> torch.optim.Optimizer:
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trained, lr=1e-5, betas=(0.9, 0.95), fused=fused)
 
 
 def synchronize(device) -> None:

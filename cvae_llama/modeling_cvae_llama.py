@@ -24,8 +24,8 @@ from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
-    apply_rotary_pos_emb,
     eager_attention_forward,
+    rotate_half,
 )
 from transformers.utils import ModelOutput
 
@@ -244,8 +244,8 @@ class CVAELlamaLatentMemoryLayer(nn.Module):
         shape = (batch_size, self.num_memory_slots, -1, self.head_dim)
         key = self.k_proj(states).view(shape).transpose(1, 2)  # (batch, kv_heads, slots, head_dim)
         value = self.v_proj(states).view(shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        _, key = apply_rotary_pos_emb(key, key, cos, sin)  # rotated as a prefix at positions 0 .. slots - 1
+        cos, sin = (embedding[:, None] for embedding in position_embeddings)
+        key = key * cos + rotate_half(key) * sin  # RoPE, as a prefix at positions 0 .. slots - 1 (keys only)
         return key, value
 
 
@@ -260,7 +260,53 @@ class CVAELlamaLatentMemory(nn.Module):
         num_slots = self.layers[0].num_memory_slots
         position_ids = torch.arange(num_slots, device=latent.device)[None]
         position_embeddings = rotary_emb(latent, position_ids=position_ids)
-        return tuple(layer(latent, position_embeddings) for layer in self.layers)
+        if not self._stackable():
+            return tuple(layer(latent, position_embeddings) for layer in self.layers)
+        return self._stacked_forward(latent, position_embeddings)
+
+    def _stackable(self) -> bool:
+        """Whether every layer's MLP and norm are the plain modules, on one device, with no hooks or wrappers
+        (PEFT, accelerate), so that their weights can be stacked; otherwise each layer runs its own forward."""
+        plain = (nn.Sequential, nn.Linear, nn.GELU, nn.Linear)
+        for layer in self.layers:
+            if type(layer.to_states) is not nn.Sequential or type(layer.norm) is not LlamaRMSNorm:
+                return False
+            parts = (layer.to_states, *layer.to_states, layer.norm)
+            if tuple(map(type, parts[:-1])) != plain:
+                return False
+            if any(part._forward_hooks or part._forward_pre_hooks or "forward" in vars(part) for part in parts):
+                return False
+        weights = [part.weight for layer in self.layers for part in (layer.to_states[0], layer.to_states[2], layer.norm)]
+        return len({weight.device for weight in weights}) == 1
+
+    def _stacked_forward(self, latent, position_embeddings) -> tuple:
+        """[`CVAELlamaLatentMemoryLayer`]'s maths for all layers at once: the MLPs as batched matrix products over
+        stacked weights, one RMS norm and one rotation for all layers. The key/value copies stay per layer (stacking
+        them would copy every layer's projections each step). A step of a small batch on a GPU is bound by kernel
+        launches, and this makes the memory's launches a few per layer instead of about seventy."""
+        first = self.layers[0]
+        num_layers, batch_size, num_slots = len(self.layers), latent.shape[0], first.num_memory_slots
+
+        def stacked(name: str, index: int) -> torch.Tensor:
+            return torch.stack([getattr(layer.to_states[index], name) for layer in self.layers])
+
+        # (layers, batch, d) -> (layers, batch, bottleneck) -> (layers, batch, slots * hidden)
+        hidden = torch.baddbmm(stacked("bias", 0)[:, None], latent.expand(num_layers, -1, -1),
+                               stacked("weight", 0).transpose(1, 2))  # fmt: skip
+        hidden = first.to_states[1](hidden)
+        states = torch.baddbmm(stacked("bias", 2)[:, None], hidden, stacked("weight", 2).transpose(1, 2))
+        states = states.view(num_layers, batch_size, num_slots, first.hidden_size)
+        # LlamaRMSNorm: w * x / sqrt(mean(x^2) + eps), computed in float32
+        variance = states.float().pow(2).mean(-1, keepdim=True)
+        normed = (states.float() * torch.rsqrt(variance + first.norm.variance_epsilon)).to(states.dtype)
+        states = torch.stack([layer.norm.weight for layer in self.layers])[:, None, None] * normed
+        shape = (batch_size, num_slots, -1, first.head_dim)
+        keys = torch.stack([layer.k_proj(part) for layer, part in zip(self.layers, states.unbind(0))])
+        keys = keys.view(num_layers, *shape).transpose(2, 3)  # (layers, batch, kv_heads, slots, head_dim)
+        cos, sin = (embedding[:, None] for embedding in position_embeddings)
+        keys = keys * cos + rotate_half(keys) * sin  # RoPE, as a prefix at positions 0 .. slots - 1
+        values = (layer.v_proj(part).view(shape).transpose(1, 2) for layer, part in zip(self.layers, states.unbind(0)))
+        return tuple(zip(keys.unbind(0), values))
 
 
 class CVAELlamaLatentSkip(nn.Module):
@@ -880,7 +926,9 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             )
         config = CVAELlamaConfig.from_llama_config(llm.config, **cvae_fields)
         config._attn_implementation = llm.config._attn_implementation
-        model = cls(config).to(device=llm.device, dtype=llm.dtype)
+        # built where the LLM lives, in its dtype: an 8B CVAE built on CPU in float32 first takes minutes and 37 GB
+        with torch.device(llm.device):
+            model = cls._from_config(config, dtype=llm.dtype)
         source = llm.state_dict()
         with torch.no_grad():
             missing, unexpected = model.load_state_dict(source, strict=False)

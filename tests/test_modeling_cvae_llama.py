@@ -277,6 +277,51 @@ def test_gskip_is_zero_forward_but_a_live_gradient_path():
     assert torch.equal(gskip(input_ids, latent=latent).logits, none(input_ids, latent=latent).logits)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stacked_latent_memory_computes_each_layers_own_forward(dtype):
+    """The memory runs all layers at once over stacked weights; it must give what each layer gives on its own."""
+    model = make_model(perturb_zero_init=True).train().to(dtype)
+    memory = model.latent_memory
+    with torch.no_grad():
+        for layer in memory.layers:  # distinct norm weights, so that a mix-up of layers shows
+            layer.norm.weight.normal_(1.0, 0.3)
+    assert memory._stackable()
+    latent = latents(3).to(dtype).requires_grad_()
+    stacked = memory(latent, model.model.rotary_emb)
+    slots = torch.arange(model.config.num_memory_slots)[None]
+    each = [layer(latent, model.model.rotary_emb(latent, position_ids=slots)) for layer in memory.layers]
+    close = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for (key, value), (own_key, own_value) in zip(stacked, each, strict=True):
+        torch.testing.assert_close(key, own_key, **close)
+        torch.testing.assert_close(value, own_value, **close)
+
+    trained = [latent] + [p for p in memory.parameters() if p.requires_grad]
+    assert len(trained) == 1 + 5 * len(memory.layers)  # the MLPs' and norms' weights; the k/v copies are frozen
+
+    def gradients(memory_out):
+        objective = sum((key.float() ** 2).sum() + (value.float() * 0.5).sum() for key, value in memory_out)
+        return torch.autograd.grad(objective, trained)
+
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for grad, own in zip(gradients(stacked), gradients(each), strict=True):
+        torch.testing.assert_close(grad.float(), own.float(), rtol=tolerance, atol=tolerance * own.float().abs().max())
+
+
+def test_latent_memory_runs_layer_by_layer_when_a_part_is_hooked():
+    """A hook (or a PEFT/accelerate wrapper) on a memory part must see its call: the memory falls back to per-layer
+    forwards, with the same output."""
+    model = make_model(perturb_zero_init=True)
+    input_ids, latent = random_ids(2, 6), latents(2)
+    stacked_logits = model(input_ids, latent=latent).logits
+    calls = []
+    handle = model.latent_memory.layers[1].norm.register_forward_hook(lambda module, args, output: calls.append(1))
+    assert not model.latent_memory._stackable()
+    torch.testing.assert_close(model(input_ids, latent=latent).logits, stacked_logits, rtol=1e-6, atol=1e-6)
+    assert calls == [1]
+    handle.remove()
+    assert model.latent_memory._stackable()
+
+
 def test_plain_skip_changes_the_logits():
     skip = make_model(skip_connection="skip")
     none = CVAELlamaForCausalLM(tiny_cvae_config(skip_connection="none")).eval()

@@ -352,6 +352,7 @@ def test_lora_trains_only_adapters_and_cvae_modules_and_merges_into_a_plain_cvae
     assert changed and changed <= cvae_trainable, sorted(changed - cvae_trainable)
     for part in ("encoder.layers.", "latent_memory.layers.0.to_states.", "latent_skip."):
         assert any(name.startswith(part) for name in changed), part
+    assert not peft_model.get_base_model().latent_memory._stackable()  # PEFT's wrappers: the per-layer path
     lora_weights = {name: p for name, p in peft_model.named_parameters() if ".lora_B." in name}
     assert lora_weights and all(p.abs().max() > 0 for p in lora_weights.values())
     assert all(name.startswith("base_model.model.model.layers.") for name in lora_weights)  # decoder only
