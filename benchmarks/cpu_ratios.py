@@ -1,15 +1,16 @@
 """What the CVAE costs over the LLM it wraps, on CPU: ratios measured side by side in one process.
 
-    python benchmarks/cpu_ratios.py                 # the table of benchmarks/README.md (about 15 minutes here)
+    python benchmarks/cpu_ratios.py                 # the tables of benchmarks/README.md (about 30 minutes here)
     python benchmarks/cpu_ratios.py --quick         # one tiny iteration of everything (the smoke test)
     python benchmarks/cpu_ratios.py --sections depth generate --threads 2   # some of the tables
 
 Shapes: SmolLM2-135M (30 layers, hidden 576), random weights; one group of 16 responses, prompt 32 + response 32
-tokens. Variants are interleaved round by round; each cell is the median of the per-round ratios, with the
-min-max spread in brackets. Peak memory is measured in fresh subprocesses (see peak_memory.py).
+tokens. Each variant is interleaved round by round with a plain model of its own (one pair in memory at a time);
+each cell is the median of the per-round ratios, with the min-max spread in brackets. Peak memory is measured in fresh subprocesses (see peak_memory.py).
 """
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -46,33 +47,41 @@ def train_ratios(layers: int, rows: int, prompt: int, response: int, repeats: in
 
     Also a plain LLM with as many more layers as the CVAE's posterior encoder has (2): the encoder runs those layers
     over the same tokens, so `plain + encoder layers / plain` is the floor of `full / plain` for this architecture.
+
+    Each variant is timed against a plain model of its own, the two interleaved, and both are freed before the next
+    pair. With all four models and their AdamW states resident at once (7 GB at 30 layers), the variants slowed
+    each other unevenly: full / plain measured 1.23-1.25 that way and 1.07 in a pair (2026-11-26).
     """
-    shape = tiny_shape(layers) if tiny else smollm2_shape(layers)
-    plain, frozen = build_pair(shape, "frozen")
-    _, full = build_pair(shape, "full")
-    torch.manual_seed(0)
-    deeper = LlamaForCausalLM((tiny_shape if tiny else smollm2_shape)(layers + full.config.num_encoder_layers))
-    batch = make_batch(shape.vocab_size, rows, prompt, response)
-    models = {"plain": plain, "frozen": frozen, "full": full, "deeper": deeper}
-    optimizers = {name: adamw(model) for name, model in models.items()}
-    for model in models.values():
-        model.train()
-    times = interleaved(
-        {
-            "plain": lambda: plain_step(plain, optimizers["plain"], batch),
-            "frozen": lambda: cvae_step(frozen, optimizers["frozen"], batch),
-            "full": lambda: cvae_step(full, optimizers["full"], batch),
-            "deeper": lambda: plain_step(deeper, optimizers["deeper"], batch),
-        },
-        repeats=repeats,
-    )
+    shape_of = tiny_shape if tiny else smollm2_shape
+    batch = make_batch(shape_of(layers).vocab_size, rows, prompt, response)
+    columns = {"frozen": "frozen / plain", "full": "full / plain", "deeper": "plain + encoder layers / plain"}
+    ratios, times, encoder_layers = {}, {}, 2
+    for variant, column in columns.items():
+        if variant == "deeper":
+            torch.manual_seed(0)
+            plain, other = LlamaForCausalLM(shape_of(layers)), LlamaForCausalLM(shape_of(layers + encoder_layers))
+            step = plain_step
+        else:
+            plain, other = build_pair(shape_of(layers), variant)
+            encoder_layers, step = other.config.num_encoder_layers, cvae_step
+        optimizers = {"plain": adamw(plain.train()), variant: adamw(other.train())}
+        pair = interleaved(
+            {
+                "plain": lambda: plain_step(plain, optimizers["plain"], batch),
+                variant: lambda: step(other, optimizers[variant], batch),
+            },
+            repeats=repeats,
+        )
+        ratios[column] = fmt(ratio_summary(pair[variant], pair["plain"]))
+        times[variant], times[f"plain ({variant} pair)"] = pair[variant], pair["plain"]
+        del plain, other, optimizers
+        gc.collect()
+    plain_times = sorted(t for name, values in times.items() if name.startswith("plain") for t in values)
     return {
         "layers": layers,
         "tokens": f"{rows}x{prompt + response}",
-        "plain step (s)": f"{sorted(times['plain'])[len(times['plain']) // 2]:.3f}",
-        "frozen / plain": fmt(ratio_summary(times["frozen"], times["plain"])),
-        "full / plain": fmt(ratio_summary(times["full"], times["plain"])),
-        "plain + encoder layers / plain": fmt(ratio_summary(times["deeper"], times["plain"])),
+        "plain step (s)": f"{plain_times[len(plain_times) // 2]:.3f}",
+        **ratios,
         "_times": times,
     }
 
