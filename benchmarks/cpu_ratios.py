@@ -50,7 +50,7 @@ def train_ratios(layers: int, rows: int, prompt: int, response: int, repeats: in
 
     Each variant is timed against a plain model of its own, the two interleaved, and both are freed before the next
     pair. With all four models and their AdamW states resident at once (7 GB at 30 layers), the variants slowed
-    each other unevenly: full / plain measured 1.23-1.25 that way and 1.07 in a pair (2026-11-26).
+    each other unevenly: at 30 layers full / plain measured 1.23-1.25 that way and 1.04 in pairs (2026-11-26).
     """
     shape_of = tiny_shape if tiny else smollm2_shape
     batch = make_batch(shape_of(layers).vocab_size, rows, prompt, response)
