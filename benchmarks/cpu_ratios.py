@@ -33,6 +33,7 @@ from common import (  # noqa: E402
     smollm2_shape,
 )
 
+from cvae_llama import CVAELlamaConfig  # noqa: E402
 from cvae_llama.modeling_cvae_llama import reparameterize  # noqa: E402
 from cvae_llama.trainer import density_gap  # noqa: E402
 
@@ -55,7 +56,8 @@ def train_ratios(layers: int, rows: int, prompt: int, response: int, repeats: in
     shape_of = tiny_shape if tiny else smollm2_shape
     batch = make_batch(shape_of(layers).vocab_size, rows, prompt, response)
     columns = {"frozen": "frozen / plain", "full": "full / plain", "deeper": "plain + encoder layers / plain"}
-    ratios, times, encoder_layers = {}, {}, 2
+    encoder_layers = CVAELlamaConfig.from_llama_config(shape_of(layers)).num_encoder_layers
+    ratios, times = {}, {}
     for variant, column in columns.items():
         if variant == "deeper":
             torch.manual_seed(0)
@@ -63,7 +65,7 @@ def train_ratios(layers: int, rows: int, prompt: int, response: int, repeats: in
             step = plain_step
         else:
             plain, other = build_pair(shape_of(layers), variant)
-            encoder_layers, step = other.config.num_encoder_layers, cvae_step
+            step = cvae_step
         optimizers = {"plain": adamw(plain.train()), variant: adamw(other.train())}
         pair = interleaved(
             {

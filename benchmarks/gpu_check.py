@@ -25,7 +25,16 @@ from transformers import LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import adamw, cvae_step, format_table, interleaved, llama3_8b_shape, make_batch, plain_step  # noqa: E402
+from common import (  # noqa: E402
+    adamw,
+    cvae_step,
+    format_table,
+    interleaved,
+    llama3_8b_shape,
+    make_batch,
+    plain_step,
+    synchronize,
+)
 
 from cvae_llama import CVAELlamaConfig, CVAELlamaForCausalLM  # noqa: E402
 from cvae_llama.modeling_cvae_llama import reparameterize  # noqa: E402
@@ -33,17 +42,8 @@ from cvae_llama.trainer import density_gap  # noqa: E402
 
 
 def timed(function, repeats: int, device) -> float:
-    function()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of `repeats` calls after a warm-up, synchronised with the device."""
+    return statistics.median(interleaved({"run": function}, repeats, device=device)["run"])
 
 
 def build(variant: str, shape, device, dtype):
@@ -59,8 +59,7 @@ def build(variant: str, shape, device, dtype):
                 model = CVAELlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    model.config._attn_implementation  # noqa: B018 (sdpa is the default)
-    return model
+    return model  # sdpa attention, transformers' default
 
 
 def release() -> None:
@@ -70,17 +69,23 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def measure_training(variant: str, shape, batch, device, dtype, repeats: int) -> dict:
-    """Median step time and peak memory of one variant; DG and G-Skip times on the frozen CVAE."""
+def training(variant: str, shape, batch, device, dtype):
+    """One variant, with non-reentrant gradient checkpointing, and a callable running one AdamW step of it."""
     model = build(variant, shape, device, dtype).train()
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # fused AdamW on CUDA: foreach AdamW keeps a temporary the size of every trained parameter (sqrt of the
     # second moments), which at 8B in bf16 is 15 GiB on top of the weights, gradients and states
     optimizer = adamw(model, fused=device.type == "cuda")
     step = plain_step if variant == "plain" else cvae_step
+    return model, lambda: step(model, optimizer, batch)
+
+
+def measure_training(variant: str, shape, batch, device, dtype, repeats: int) -> dict:
+    """Median step time and peak memory of one variant; DG and G-Skip times on the frozen CVAE."""
+    model, train_step = training(variant, shape, batch, device, dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    result = {"step_s": timed(lambda: step(model, optimizer, batch), repeats, device)}
+    result = {"step_s": timed(train_step, repeats, device)}
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     if variant == "frozen":
         rows, length = batch["input_ids"].shape
@@ -142,12 +147,11 @@ def profiled(function, device, out: Path, name: str) -> dict:
     for _ in range(2):
         function()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    synchronize()
+    synchronize(device)
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         function()
-        synchronize()
+        synchronize(device)
         wall = time.perf_counter() - start
     events = prof.key_averages()
     count = {event.key: event.count for event in events}
@@ -169,12 +173,9 @@ def profile_all(shape, batch, device, dtype, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for variant in ("plain", "frozen", "full"):
-        model = build(variant, shape, device, dtype).train()
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        optimizer = adamw(model, fused=device.type == "cuda")
-        step = plain_step if variant == "plain" else cvae_step
-        rows.append({"run": f"train step, {variant}", **profiled(lambda: step(model, optimizer, batch), device, out, variant)})
-        del model, optimizer
+        train_step = training(variant, shape, batch, device, dtype)[1]
+        rows.append({"run": f"train step, {variant}", **profiled(train_step, device, out, variant)})
+        del train_step
         release()
     plain = build("plain", shape, device, dtype).eval()
     start = time.perf_counter()

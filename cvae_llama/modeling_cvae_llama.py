@@ -216,6 +216,13 @@ class CVAELlamaPosteriorEncoder(nn.Module):
         return latent_mean.reshape(batch_size, -1), latent_logvar.reshape(batch_size, -1)
 
 
+def rotate_slot_keys(keys: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """RoPE on the memory's keys `(..., slots, head_dim)`, as a prefix at positions 0 .. slots - 1 (keys only: the
+    slots ask no queries)."""
+    cos, sin = (embedding[:, None] for embedding in position_embeddings)
+    return keys * cos + rotate_half(keys) * sin
+
+
 class CVAELlamaLatentMemoryLayer(nn.Module):
     """z -> `num_memory_slots` pseudo token states -> keys and values for one decoder layer.
 
@@ -244,9 +251,7 @@ class CVAELlamaLatentMemoryLayer(nn.Module):
         shape = (batch_size, self.num_memory_slots, -1, self.head_dim)
         key = self.k_proj(states).view(shape).transpose(1, 2)  # (batch, kv_heads, slots, head_dim)
         value = self.v_proj(states).view(shape).transpose(1, 2)
-        cos, sin = (embedding[:, None] for embedding in position_embeddings)
-        key = key * cos + rotate_half(key) * sin  # RoPE, as a prefix at positions 0 .. slots - 1 (keys only)
-        return key, value
+        return rotate_slot_keys(key, position_embeddings), value
 
 
 class CVAELlamaLatentMemory(nn.Module):
@@ -303,8 +308,7 @@ class CVAELlamaLatentMemory(nn.Module):
         shape = (batch_size, num_slots, -1, first.head_dim)
         keys = torch.stack([layer.k_proj(part) for layer, part in zip(self.layers, states.unbind(0))])
         keys = keys.view(num_layers, *shape).transpose(2, 3)  # (layers, batch, kv_heads, slots, head_dim)
-        cos, sin = (embedding[:, None] for embedding in position_embeddings)
-        keys = keys * cos + rotate_half(keys) * sin  # RoPE, as a prefix at positions 0 .. slots - 1
+        keys = rotate_slot_keys(keys, position_embeddings)
         values = (layer.v_proj(part).view(shape).transpose(1, 2) for layer, part in zip(self.layers, states.unbind(0)))
         return tuple(zip(keys.unbind(0), values))
 
