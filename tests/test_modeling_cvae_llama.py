@@ -803,6 +803,20 @@ def test_from_llm_rejects_other_objects():
         CVAELlamaForCausalLM.from_llm(3)
 
 
+def test_from_llm_builds_in_the_llms_dtype_with_its_weights():
+    """from_llm builds the CVAE where the LLM is and in its dtype (not in float32 first): every parameter is bf16 and
+    the decoder's weights are the LLM's, bit for bit."""
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16).eval()
+    model = CVAELlamaForCausalLM.from_llm(llm, latent_size=8, decoder_mode="frozen")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and model.dtype == llm.dtype
+    assert model.device == llm.device and model.config.dtype == torch.bfloat16
+    for name, tensor in llm.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    output = model(random_ids(2, 5), latent=latents(2).to(torch.bfloat16))
+    assert output.logits.dtype == torch.bfloat16 and torch.isfinite(output.logits).all()
+
+
 def test_from_llm_on_a_tiny_llama(tmp_path):
     torch.manual_seed(0)
     llm = LlamaForCausalLM(tiny_llama_config()).eval()
