@@ -29,6 +29,8 @@ setup(
         "test": [
             "pytest>=8",
             "hypothesis>=6",
+            # transformers' own common model tests (tests/test_transformers_common.py) import it
+            "parameterized>=0.9",
             "gguf>=0.10",
             "sacrebleu>=2.4",
             "rouge-score>=0.1.2",

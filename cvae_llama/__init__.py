@@ -1,9 +1,17 @@
-"""cvae-llama: a Llama-family LLM as a conditional VAE, native to Hugging Face transformers."""
+"""cvae-llama: a Llama-family LLM as a conditional VAE, native to Hugging Face transformers.
+
+`from cvae_llama import CVAETrainer, CVAETrainingArguments, density_gap` works as `from trl import SFTTrainer,
+SFTConfig` does; the trainer and its objectives (and `datasets`, which they use) are imported on first access, so
+`import cvae_llama` costs only the model and its config.
+"""
+
+import importlib
+from typing import TYPE_CHECKING
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_cvae_llama import CVAELlamaConfig
-from .modeling_cvae_llama import CVAELlamaForCausalLM, CVAELlamaOutput, CVAELlamaPreTrainedModel
+from .modeling_cvae_llama import CVAELlamaForCausalLM, CVAELlamaOutput, CVAELlamaPreTrainedModel, gaussian_kl
 
 
 __version__ = "0.1.0.dev0"
@@ -15,4 +23,74 @@ AutoModelForCausalLM.register(CVAELlamaConfig, CVAELlamaForCausalLM, exist_ok=Tr
 CVAELlamaConfig.register_for_auto_class()
 CVAELlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["CVAELlamaConfig", "CVAELlamaForCausalLM", "CVAELlamaOutput", "CVAELlamaPreTrainedModel", "__version__"]
+# name -> submodule, imported when the name is first read (`cvae_llama.trainer.__all__`, `gaussian_kl` aside)
+_LAZY = {
+    name: "trainer"
+    for name in (
+        "CVAEBagOfWordsHead",
+        "CVAETrainer",
+        "CVAETrainingArguments",
+        "DG_GROUPINGS",
+        "LOGGED_TERMS",
+        "OBJECTIVES",
+        "RECONSTRUCTION_REDUCTIONS",
+        "active_units",
+        "apply_lora",
+        "attach_bow_head",
+        "bag_of_words_nll",
+        "check_checkpoint",
+        "cvae_modules_to_save",
+        "cyclical_beta",
+        "density_gap",
+        "free_bits_kl",
+        "mutual_information",
+        "pretrained_parameter_names",
+        "remove_bow_head",
+    )
+}
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported here
+    from .trainer import (  # noqa: F401
+        DG_GROUPINGS,
+        LOGGED_TERMS,
+        OBJECTIVES,
+        RECONSTRUCTION_REDUCTIONS,
+        CVAEBagOfWordsHead,
+        CVAETrainer,
+        CVAETrainingArguments,
+        active_units,
+        apply_lora,
+        attach_bow_head,
+        bag_of_words_nll,
+        check_checkpoint,
+        cvae_modules_to_save,
+        cyclical_beta,
+        density_gap,
+        free_bits_kl,
+        mutual_information,
+        pretrained_parameter_names,
+        remove_bow_head,
+    )
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # the next access is a plain attribute
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = [
+    "CVAELlamaConfig",
+    "CVAELlamaForCausalLM",
+    "CVAELlamaOutput",
+    "CVAELlamaPreTrainedModel",
+    "gaussian_kl",
+    "__version__",
+    *_LAZY,
+]

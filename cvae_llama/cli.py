@@ -34,11 +34,17 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from . import __version__
-from .configuration_cvae_llama import CVAE_FIELDS, DECODER_MODES, LATENT_INJECTIONS, SKIP_CONNECTIONS
+from .configuration_cvae_llama import (
+    CVAE_FIELDS,
+    DECODER_MODES,
+    LATENT_INJECTIONS,
+    POSTERIOR_POOLINGS,
+    SKIP_CONNECTIONS,
+)
 
 
 PROG = "cvae-llama"
-DATASET_FORMATS = ("auto", "yelp", "agnews", "dailydialog", "prompt_response", "hub")
+DATASET_FORMATS = ("auto", "yelp", "agnews", "dailydialog", "prompt_response", "text", "hub")
 # Written by `train` beside the model; `export` reads it to fill in the model card's training section.
 TRAINING_RECORD = "cvae_training.json"
 # Tags every exported card carries (the user's `--tags` are added).
@@ -106,6 +112,14 @@ class CVAEArguments:
         default=None,
         metadata={"help": "frozen: only the CVAE's modules train (the paper); full; lora (peft adapters, merged at "
                   "the end) (default frozen).", "choices": list(DECODER_MODES)},
+    )
+    posterior_batch_norm: bool | None = field(
+        default=None, metadata={"help": "Batch-normalise the posterior means (BN-VAE; default true)."}
+    )
+    posterior_pooling: str | None = field(
+        default=None,
+        metadata={"help": "The posterior's read-out: mean of the encoder's token states, or the paper's learned "
+                  "queries (default mean).", "choices": list(POSTERIOR_POOLINGS)},
     )
 
     def fields_given(self) -> dict[str, Any]:
@@ -436,8 +450,8 @@ def detect_dataset_format(dataset: str) -> str:
 
     A folder written by `save_to_disk`, or a .json / .jsonl / .parquet file, or a .csv whose header names columns, is
     `prompt_response`; `sentiment.<split>.<label>` files are Yelp; a header-less .csv (or a folder of test.csv /
-    train.csv) is AG News; a .zip (or a folder of <split>.zip / dialogues_<split>.txt) is DailyDialog; a path that
-    does not exist is a Hub name.
+    train.csv) is AG News; a .zip (or a folder of <split>.zip / dialogues_<split>.txt) is DailyDialog; a .txt file is
+    unconditional text, one text per line; a path that does not exist is a Hub name.
     """
     path = Path(dataset).expanduser()
     if not path.exists():
@@ -464,6 +478,8 @@ def detect_dataset_format(dataset: str) -> str:
         return "prompt_response"
     if suffix == ".zip":
         return "dailydialog"
+    if suffix == ".txt":
+        return "text"
     if name.startswith("sentiment."):
         return "yelp"
     if suffix == ".csv":
@@ -484,7 +500,7 @@ def load_rows(data_args: DataArguments, tokenizer, needs_response: bool = True):
     """
     from datasets import Dataset, load_dataset
 
-    from .data import load_dataset_by_name, load_prompt_response_file
+    from .data import load_dataset_by_name, load_prompt_response_file, load_text_file
 
     dataset_format = data_args.dataset_format
     if dataset_format == "auto":
@@ -523,6 +539,8 @@ def load_rows(data_args: DataArguments, tokenizer, needs_response: bool = True):
         try:
             if dataset_format == "prompt_response":
                 rows = load_prompt_response_file(data_args.dataset, split=data_args.split or "train")
+            elif dataset_format == "text":
+                rows = load_text_file(data_args.dataset)
             else:
                 rows = load_dataset_by_name(dataset_format, data_args.dataset, split=data_args.split, **kwargs)
         except ValueError as error:
@@ -533,6 +551,11 @@ def load_rows(data_args: DataArguments, tokenizer, needs_response: bool = True):
     if renames:
         rows = rows.remove_columns([target for target in renames.values() if target in rows.column_names])
         rows = rows.rename_columns(renames)
+    if "prompt" not in rows.column_names and {"response", "text"} & set(rows.column_names):
+        from .data import unconditional_rows
+
+        # texts without prompts (a `text` column, or --response_column alone): unconditional, x is empty
+        rows = unconditional_rows(rows, "response" if "response" in rows.column_names else "text")
     needed = ["prompt"] + (["response"] if needs_response and "responses" not in rows.column_names else [])
     missing = [column for column in needed if column not in rows.column_names]
     if missing:
@@ -710,11 +733,15 @@ def build_cvae(model_args: ModelArguments, cvae_args: CVAEArguments):
 
 
 def train_groups(data_args: DataArguments, train_args: TrainDataArguments, tokenizer, seed: int = 0):
-    """The training groups `{prompt, responses[, label]}` of `--dataset` (flat rows grouped by `group_responses`)."""
-    from .data import group_responses
+    """The training groups `{prompt, responses[, label]}` of `--dataset`: flat rows grouped by `group_responses`, or,
+    for unconditional text (every prompt empty), every row its own example (the density gap then aggregates over the
+    batch, `dg_grouping="auto"`)."""
+    from .data import group_responses, is_unconditional, single_response_groups
 
     rows, dataset_format = load_rows(data_args, tokenizer)
-    if "responses" not in rows.column_names:
+    if "responses" not in rows.column_names and is_unconditional(rows):
+        rows = single_response_groups(rows)
+    elif "responses" not in rows.column_names:
         rows = group_responses(rows, train_args.group_size, seed, max_groups_per_prompt=train_args.max_groups_per_prompt)
     return _first(rows, data_args.max_samples), dataset_format
 
@@ -765,7 +792,7 @@ def training_record(trainer, groups, dataset: str, dataset_format: str, base_mod
                 "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
                 "max_prompt_tokens", "max_response_tokens", "seed", "bf16", "fp16",
             )
-        },  # fmt: skip
+        } | {"dg_grouping": trainer.dg_grouping},  # fmt: skip  (as resolved from the data when "auto")
         "world_size": args.world_size,
         "global_step": trainer.state.global_step,
         "train_runtime_s": metrics.get("train_runtime"),
@@ -1144,7 +1171,12 @@ def run_export(model_args: ModelArguments, args: ExportArguments) -> Path:
         repo_id=repo_id,
         latent_size=config.latent_size,
         num_encoder_layers=config.num_encoder_layers,
-        num_latent_queries=config.num_latent_queries,
+        read_out=(
+            f"{config.num_latent_queries} learned queries appended to `x + y`"
+            if config.posterior_pooling == "queries"
+            else "the mean of the last layer's token states"
+        ),
+        posterior_norm=", the posterior means batch-normalised (BN-VAE)" if config.posterior_batch_norm else "",
         num_memory_slots=config.num_memory_slots,
         decoder_mode=config.decoder_mode,
         training_data=args.training_data or _training_data_text(record),

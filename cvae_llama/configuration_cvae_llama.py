@@ -9,6 +9,7 @@ from transformers import LlamaConfig
 LATENT_INJECTIONS = ("memory", "embedding", "memory+embedding")
 SKIP_CONNECTIONS = ("gskip", "skip", "none")
 DECODER_MODES = ("frozen", "full", "lora")
+POSTERIOR_POOLINGS = ("mean", "queries")
 CVAE_FIELDS = (
     "latent_size",
     "num_latent_queries",
@@ -18,7 +19,12 @@ CVAE_FIELDS = (
     "skip_connection",
     "gskip_samples",
     "decoder_mode",
+    "posterior_batch_norm",
+    "posterior_pooling",
 )
+# CVAE fields added after the first release, with the value that folders saved before them were built with: a saved
+# config without such a field loads as the architecture its weights have.
+CVAE_FIELDS_ADDED_LATER = {"posterior_batch_norm": False, "posterior_pooling": "queries"}
 
 
 class CVAELlamaConfig(LlamaConfig):
@@ -30,8 +36,8 @@ class CVAELlamaConfig(LlamaConfig):
         latent_size (`int`, defaults to 32):
             Dimension `d` of the latent `z`.
         num_latent_queries (`int`, defaults to 4):
-            Learned queries appended to the posterior encoder's input; each reads out `latent_size /
-            num_latent_queries` means and log-variances. Must divide `latent_size`.
+            With `posterior_pooling="queries"`: learned queries appended to the posterior encoder's input; each reads
+            out `latent_size / num_latent_queries` means and log-variances. Must then divide `latent_size`.
         num_memory_slots (`int`, defaults to 4):
             Pseudo tokens the latent becomes in every decoder layer (the latent memory).
         num_encoder_layers (`int`, defaults to 2):
@@ -47,6 +53,17 @@ class CVAELlamaConfig(LlamaConfig):
         decoder_mode (`str`, defaults to `"frozen"`):
             `"frozen"` (the paper: only the CVAE's own modules train), `"full"` (the decoder trains too) or
             `"lora"` (LoRA adapters on the decoder, added by the trainer through peft).
+        posterior_batch_norm (`bool`, defaults to `True`):
+            Batch-normalise the posterior means (BN-VAE, Zhu et al., 2020): in training each latent dimension of
+            the batch's means is standardised (then scaled and shifted by learned parameters starting at 1 and 0),
+            in evaluation running statistics stand in. The encoder's features barely differ between texts at
+            first, and without it the means stay almost equal, so the decoder learns to ignore z; with it they
+            spread from the first step. Folders saved before this field existed load with `False`.
+        posterior_pooling (`str`, defaults to `"mean"`):
+            What the posterior's read-out reads: `"mean"`, the mean of the encoder's last token states (all real
+            tokens but the first, which holds an LLM's massive activations), or `"queries"`, the states of
+            `num_latent_queries` learned queries appended to the input (the paper's; their states barely differ from
+            one text to another at first). Folders saved before this field existed load with `"queries"`.
 
     Example:
 
@@ -70,6 +87,8 @@ class CVAELlamaConfig(LlamaConfig):
     skip_connection: str = "gskip"
     gskip_samples: int = 32
     decoder_mode: str = "frozen"
+    posterior_batch_norm: bool = True
+    posterior_pooling: str = "mean"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -85,7 +104,7 @@ class CVAELlamaConfig(LlamaConfig):
 
         for name in ("latent_size", "num_latent_queries", "num_memory_slots", "num_encoder_layers", "gskip_samples"):
             positive_int(name)
-        if self.latent_size % self.num_latent_queries != 0:
+        if self.posterior_pooling == "queries" and self.latent_size % self.num_latent_queries != 0:
             raise ValueError(
                 f"`latent_size` ({self.latent_size}) must be divisible by `num_latent_queries` "
                 f"({self.num_latent_queries}): each query reads out an equal share of the latent"
@@ -95,10 +114,13 @@ class CVAELlamaConfig(LlamaConfig):
                 f"`num_encoder_layers` ({self.num_encoder_layers}) cannot exceed the LLM's `num_hidden_layers` "
                 f"({self.num_hidden_layers})"
             )
+        if not isinstance(self.posterior_batch_norm, bool):
+            raise ValueError(f"`posterior_batch_norm` must be True or False, got {self.posterior_batch_norm!r}")
         for name, allowed in (
             ("latent_injection", LATENT_INJECTIONS),
             ("skip_connection", SKIP_CONNECTIONS),
             ("decoder_mode", DECODER_MODES),
+            ("posterior_pooling", POSTERIOR_POOLINGS),
         ):
             value = getattr(self, name)
             if value not in allowed:
@@ -123,6 +145,7 @@ class CVAELlamaConfig(LlamaConfig):
                 "a CVAE around a Llama LLM with CVAELlamaForCausalLM.from_llm(path, ...)"
             )
         if model_type == cls.model_type:
+            config_dict = {**CVAE_FIELDS_ADDED_LATER, **config_dict}
             missing = [name for name in CVAE_FIELDS if name not in config_dict and name not in kwargs]
             if missing:
                 raise ValueError(
@@ -165,5 +188,23 @@ class CVAELlamaConfig(LlamaConfig):
         values.update(cvae_fields)
         return cls(**values)
 
+
+def _register_model_type() -> None:
+    """Make the model type known to `AutoConfig` in every process that runs this file, as a folder's remote code too.
+
+    `AutoTokenizer.from_pretrained(folder)` reads the folder's config.json before its tokenizer files, and for a model
+    type transformers does not know, the `AutoConfig` entry of the config's `auto_map` makes it ask "Do you wish to run
+    the custom code? [y/N]" on the console (the question lands in standard output), although the tokenizer is a stock
+    one. With the type registered (the installed package registers it too, and is kept when it has), the tokenizer of
+    a saved folder loads as any Llama's does once its model or config has been loaded.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if CVAELlamaConfig.model_type not in CONFIG_MAPPING:
+        AutoConfig.register(CVAELlamaConfig.model_type, CVAELlamaConfig)
+
+
+_register_model_type()
 
 __all__ = ["CVAELlamaConfig"]

@@ -334,10 +334,51 @@ def _read_dailydialog_member(path: Path, split: str, name: str) -> str:
     raise ValueError(f"split={split!r}: found no {name} in {str(path)!r} (looked for {[str(c) for c in candidates]})")
 
 
+def load_text_file(path: str | os.PathLike) -> Dataset:
+    """Read unconditional text: a plain-text file with one text per line (blank lines skipped), as rows
+    `{prompt: "", response: line}` (see [`unconditional_rows`]), e.g. to train a plain VAE over sentences."""
+    path = _existing_path(path)
+    if path.is_dir():
+        raise ValueError(f"path={str(path)!r} is a folder; expected a text file with one text per line")
+    texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise ValueError(f"path={str(path)!r} holds no non-blank line; expected one text per line")
+    return Dataset.from_dict({"prompt": [""] * len(texts), "response": texts})
+
+
+def unconditional_rows(dataset: Dataset, text_column: str = "text") -> Dataset:
+    """Rows `{prompt: "", response: text[, label]}` from a dataset with a `text_column`: unconditional text, for a
+    plain VAE over the texts (x empty, y the text). Train on them as they are (the collator makes each row its own
+    example, and `CVAETrainer`'s `dg_grouping="auto"` aggregates the density gap over the batch)."""
+    _require_columns(dataset, (text_column,))
+    _require_rows(dataset)
+    columns = {"response": dataset[text_column], "prompt": [""] * len(dataset)}
+    if "label" in dataset.column_names:
+        columns["label"] = dataset["label"]
+    return Dataset.from_dict(columns)
+
+
+def single_response_groups(dataset: Dataset) -> Dataset:
+    """Grouped rows `{prompt, responses: [response][, label]}` with every row its own example (a group of one), for
+    data without one-to-many structure, such as unconditional text; empty responses are dropped."""
+    _require_columns(dataset, ("prompt", "response"))
+    kept = dataset.filter(lambda row: bool(row["response"].strip()))
+    if len(kept) == 0:
+        raise ValueError("dataset has no non-empty response")
+    grouped = kept.map(lambda row: {"responses": [row["response"]]}, remove_columns=["response"])
+    return grouped.select_columns([name for name in ("prompt", "responses", "label") if name in grouped.column_names])
+
+
+def is_unconditional(dataset: Dataset) -> bool:
+    """Whether every prompt is empty (unconditional text, e.g. [`load_text_file`]'s rows)."""
+    return all(not (prompt or "").strip() for prompt in dataset["prompt"])
+
+
 def load_prompt_response_file(path: str | os.PathLike, split: str = "train") -> Dataset:
     """Read your own `{prompt, response[, label]}` rows: a `.json` / `.jsonl`, `.csv` or `.parquet` file (through
     `datasets.load_dataset` with the matching builder), or a folder written by `save_to_disk` (for instance by
-    [`make_one_to_many`]).
+    [`make_one_to_many`]). A file with a `text` column and neither `prompt` nor `response` is unconditional text
+    ([`unconditional_rows`]).
 
     Args:
         path (`str` or `os.PathLike`): the file or folder.
@@ -370,6 +411,8 @@ def load_prompt_response_file(path: str | os.PathLike, split: str = "train") -> 
         raise ValueError(
             f"path={str(path)!r} has suffix {path.suffix!r}; expected one of {sorted(builders)} or a folder"
         )
+    if "text" in dataset.column_names and not {"prompt", "response"} & set(dataset.column_names):
+        dataset = unconditional_rows(dataset)
     _require_columns(dataset, ("prompt", "response"), argument=f"path={str(path)!r}")
     _require_rows(dataset, argument=f"path={str(path)!r}")
     return dataset
@@ -989,11 +1032,15 @@ __all__ = [
     "clean_up_tokenization",
     "encode_prompts",
     "group_responses",
+    "is_unconditional",
     "load_agnews",
     "load_dailydialog",
     "load_dataset_by_name",
     "load_prompt_response_file",
+    "load_text_file",
     "load_yelp",
     "make_one_to_many",
+    "single_response_groups",
     "split_prompt_response",
+    "unconditional_rows",
 ]

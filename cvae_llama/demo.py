@@ -84,7 +84,7 @@ class DemoSettings:
         num_responses: N, responses sampled per prompt.
         max_new_tokens: cap on each sampled response (and each decoding).
         group_size: M, responses per training group.
-        max_steps, learning_rate, warmup_steps: the optimisation (one group per step, AdamW).
+        max_steps: the optimisation (one group per step; AdamW as `CVAETrainingArguments` defaults it).
         latent_size, gskip_samples: the CVAE.
         num_latents: prior latents per evaluation prompt.
         show_prompts: evaluation prompts printed side by side.
@@ -96,8 +96,6 @@ class DemoSettings:
     max_new_tokens: int
     group_size: int
     max_steps: int
-    learning_rate: float
-    warmup_steps: int
     latent_size: int
     gskip_samples: int
     num_latents: int
@@ -106,11 +104,11 @@ class DemoSettings:
 
 FULL = DemoSettings(
     train_prompts_per_topic=4, num_eval_prompts=4, num_responses=8, max_new_tokens=24, group_size=8,
-    max_steps=96, learning_rate=3e-3, warmup_steps=8, latent_size=32, gskip_samples=8, num_latents=4, show_prompts=2,
+    max_steps=96, latent_size=32, gskip_samples=8, num_latents=4, show_prompts=2,
 )  # fmt: skip
 QUICK = DemoSettings(
     train_prompts_per_topic=1, num_eval_prompts=2, num_responses=4, max_new_tokens=12, group_size=4,
-    max_steps=4, learning_rate=3e-3, warmup_steps=0, latent_size=16, gskip_samples=4, num_latents=3, show_prompts=1,
+    max_steps=4, latent_size=16, gskip_samples=4, num_latents=3, show_prompts=1,
 )  # fmt: skip
 EVAL_METRICS = ("latent", "diversity", "reconstruction", "interpolation")
 
@@ -335,7 +333,7 @@ def run_demo(
     print(f"{len(flat['train'])} training rows -> {len(groups)} groups of {settings.group_size}; "
                f"{len(flat['eval'])} held-out rows")
 
-    # 3. train the CVAE: DG + G-Skip, decoder frozen (the paper's setting)
+    # 3. train the CVAE: DG + G-Skip, decoder frozen (the authors' stage 2), the trainer's default optimisation
     step(f"training the CVAE: density gap + G-Skip, {settings.max_steps} steps")
     model = CVAELlamaForCausalLM.from_llm(llm, latent_size=settings.latent_size, gskip_samples=settings.gskip_samples)
     model.config.base_model_name_or_path = model_name_or_path
@@ -343,8 +341,7 @@ def run_demo(
     cvae_dir = output_dir / "cvae"
     args = CVAETrainingArguments(
         output_dir=str(cvae_dir), objective="dg", max_steps=settings.max_steps, per_device_train_batch_size=1,
-        learning_rate=settings.learning_rate, warmup_steps=settings.warmup_steps, weight_decay=0.0,
-        lr_scheduler_type="constant_with_warmup", logging_steps=max(1, settings.max_steps // 8), save_strategy="no",
+        logging_steps=max(1, settings.max_steps // 8), save_strategy="no",
         report_to="none", seed=seed, max_prompt_tokens=32, max_response_tokens=settings.max_new_tokens + 1,
         dataloader_num_workers=0,
     )  # fmt: skip

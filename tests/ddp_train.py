@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> None:
 
     (args,) = HfArgumentParser(CVAETrainingArguments).parse_args_into_dataclasses(argv)
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer)
+    # without the posterior batch norm, whose statistics are per process and micro-batch (as any batch norm's), so
+    # that 2 processes of 1 group are bitwise 1 process of 2 groups
+    model = build_model(tokenizer, posterior_batch_norm=False)
     with fixed_noise():
         trainer = CVAETrainer(model, args, train_dataset=build_groups(), processing_class=tokenizer)
         trainer.train()

@@ -181,7 +181,7 @@ def generate_flags(model: Path, *flags) -> list:
 CASES = {
     # ---- config
     "config: latent_size not divisible by num_latent_queries": Case(
-        lambda i, o: tiny_cvae_config(latent_size=12, num_latent_queries=8),
+        lambda i, o: tiny_cvae_config(latent_size=12, num_latent_queries=8, posterior_pooling="queries"),
         ValueError, ("`latent_size` (12)", "`num_latent_queries` (8)"),
     ),
     "config: from_pretrained keyword out of range": Case(

@@ -218,6 +218,26 @@ def test_train_with_other_objectives_and_architectures(one_to_many, workspace, t
     assert type(CVAELlamaForCausalLM.from_pretrained(output)) is CVAELlamaForCausalLM
 
 
+@pytest.mark.parametrize("source", ["lines", "text_column"])
+def test_train_on_unconditional_text_makes_every_line_its_own_example(workspace, tmp_path, source):
+    """A plain VAE over texts: a file of lines (or a table with a `text` column) trains with every text its own
+    example and the density gap over the batch, not as one group of 16 texts of one empty prompt."""
+    texts = [f"w{10 + i} w{20 + i % 5} w{30 + i % 7}" for i in range(12)]
+    if source == "lines":
+        data = tmp_path / "texts.txt"
+        data.write_text("\n".join(texts) + "\n\n")  # a blank line is skipped
+    else:
+        data = tmp_path / "texts.jsonl"
+        data.write_text("\n".join(json.dumps({"text": text}) for text in texts) + "\n")
+    output = tmp_path / "cvae"
+    assert run("train", "--model_name_or_path", workspace / "llm", "--dataset", data, "--output_dir", output,
+               "--max_steps", 3, "--save_strategy", "no", *TRAIN_FLAGS, "--per_device_train_batch_size", 4) == 0
+    record = json.loads((output / "cvae_training.json").read_text())
+    assert record["num_groups"] == 12 and record["responses_per_group"] == 1
+    assert record["training_arguments"]["dg_grouping"] == "batch"
+    assert record["training_arguments"]["objective"] == "dg"
+
+
 @pytest.mark.slow
 def test_train_under_accelerate_launch(one_to_many, workspace, tmp_path):
     """`accelerate launch -m cvae_llama train ...` with 2 processes on the CPU (accelerate's multi-process launcher,
@@ -425,7 +445,7 @@ def test_an_unreachable_hub_dataset_is_one_line(workspace, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------------- bad input
 def bad_inputs(workspace: Path, tmp: Path) -> dict[str, tuple[list, str]]:
-    (tmp / "text_only.jsonl").write_text(json.dumps({"text": "w5 w6"}) + "\n")
+    (tmp / "text_only.jsonl").write_text(json.dumps({"sentence": "w5 w6"}) + "\n")  # (a `text` column is valid)
     (tmp / "existing.json").write_text("{}")
     torch.save(torch.zeros(5), tmp / "short.pt")
     save_file({"latent": torch.zeros(2, 3)}, str(tmp / "narrow.safetensors"))

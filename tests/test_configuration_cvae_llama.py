@@ -17,6 +17,8 @@ NON_DEFAULT_FIELDS = dict(
     skip_connection="skip",
     gskip_samples=7,
     decoder_mode="full",
+    posterior_batch_norm=False,
+    posterior_pooling="queries",
 )
 
 
@@ -27,6 +29,7 @@ def as_dict(config: CVAELlamaConfig) -> dict:
 
 
 def test_paper_defaults():
+    """The paper's defaults, plus the batch norm of the posterior means (beyond the paper: issue 13)."""
     config = CVAELlamaConfig.from_llama_config(tiny_llama_config())
     assert config.model_type == "cvae_llama"
     assert {name: getattr(config, name) for name in CVAE_FIELDS} == dict(
@@ -38,6 +41,8 @@ def test_paper_defaults():
         skip_connection="gskip",
         gskip_samples=32,
         decoder_mode="frozen",
+        posterior_batch_norm=True,
+        posterior_pooling="mean",
     )
 
 
@@ -81,7 +86,9 @@ def test_derived_properties():
 
 
 BAD_FIELDS = [
-    (dict(latent_size=10, num_latent_queries=4), r"`latent_size` \(10\) must be divisible by `num_latent_queries` \(4"),
+    (dict(latent_size=10, num_latent_queries=4, posterior_pooling="queries"),
+     r"`latent_size` \(10\) must be divisible by `num_latent_queries` \(4"),
+    (dict(posterior_pooling="max"), r"`posterior_pooling` must be one of \('mean', 'queries'\), got 'max'"),
     (dict(num_encoder_layers=3), r"`num_encoder_layers` \(3\) cannot exceed .*`num_hidden_layers` \(2\)"),
     (dict(latent_injection="prefix"), r"`latent_injection` must be one of .*'memory'.*got 'prefix'"),
     (dict(skip_connection="residual"), r"`skip_connection` must be one of .*'gskip'.*got 'residual'"),

@@ -503,3 +503,33 @@ def test_make_one_to_many_bad_input(sampler, bpe_tokenizer, tmp_path):
     greedy = {"do_sample": False}
     with pytest.raises(ValueError, match=r"generation_kwargs sets \['do_sample'\]"):
         make_one_to_many(sampler, bpe_tokenizer, ["a"], 2, tmp_path, max_new_tokens=2, generation_kwargs=greedy)
+
+
+# ---------------------------------------------------------------------------------------------------- unconditional text
+def test_unconditional_text_from_lines_or_a_text_column(tmp_path):
+    from cvae_llama.data import (
+        is_unconditional,
+        load_prompt_response_file,
+        load_text_file,
+        single_response_groups,
+        unconditional_rows,
+    )
+
+    lines = tmp_path / "texts.txt"
+    lines.write_text("the food was great .\n\n  service was slow .  \n")
+    rows = load_text_file(lines)
+    assert rows.to_dict() == {"prompt": ["", ""], "response": ["the food was great .", "service was slow ."]}
+    assert is_unconditional(rows)
+    table = tmp_path / "texts.jsonl"
+    table.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n')
+    assert load_prompt_response_file(table).to_dict() == {"response": ["a", "b"], "prompt": ["", ""], "label": [1, 0]}
+    with_label = unconditional_rows(Dataset.from_dict({"text": ["x", " "], "label": [3, 4]}))
+    groups = single_response_groups(with_label)  # every row its own example; the blank text is dropped
+    assert groups.to_dict() == {"prompt": [""], "responses": [["x"]], "label": [3]}
+    assert not is_unconditional(Dataset.from_dict({"prompt": ["", "hi"], "response": ["a", "b"]}))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    with pytest.raises(ValueError, match="no non-blank line"):
+        load_text_file(empty)
+    with pytest.raises(ValueError, match="text"):
+        unconditional_rows(Dataset.from_dict({"sentence": ["a"]}))

@@ -123,18 +123,23 @@ def test_output_fields_shapes_and_dtypes(dtype):
 def test_which_latent_forward_uses():
     model = make_model(perturb_zero_init=True)
     input_ids, posterior_ids = random_ids(2, 6), random_ids(2, 9, seed=5)
-    # eval mode without labels: a prior sample, no posterior, no loss
+    # eval mode without labels: the prior's mean z = 0, no posterior, no loss
     output = model(input_ids)
-    assert output.latent.shape == (2, 8) and output.latent_mean is None and output.kl_loss is None
+    assert torch.equal(output.latent, torch.zeros(2, 8)) and output.latent_mean is None and output.kl_loss is None
     assert output.loss is None and output.reconstruction_loss is None
-    # labels: the posterior of input_ids, one reparameterised sample
+    # labels: the posterior of input_ids, its mean in eval mode
+    output = model(input_ids, labels=input_ids)
+    mean, logvar = model.encode(input_ids)
+    assert torch.equal(output.latent, mean) and torch.equal(output.latent_mean, mean)
+    # in training mode one reparameterised sample of it
+    model.train()
     torch.manual_seed(3)
     output = model(input_ids, labels=input_ids)
     mean, logvar = model.encode(input_ids)
     torch.manual_seed(3)
     assert torch.equal(output.latent, reparameterize(mean, logvar))
     # training mode without labels: the posterior as well
-    output = model.train()(input_ids)
+    output = model(input_ids)
     assert output.latent_mean is not None and output.kl_loss is not None and output.loss is None
     model.eval()
     # posterior_input_ids: the posterior of that sequence

@@ -60,7 +60,7 @@ LOAD_AND_RUN = textwrap.dedent(
     model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True).eval()
     config = AutoConfig.from_pretrained(source, trust_remote_code=True)
     base = AutoModel.from_pretrained(source, trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(source)  # a stock tokenizer: no trust_remote_code, no question asked
     with torch.no_grad():
         logits = model(inputs["input_ids"], latent=inputs["latent"]).logits
         posterior = model.encode(inputs["input_ids"])
@@ -128,10 +128,12 @@ def run_without_cvae_llama(tmp_path: Path, source: str, environment: dict | None
         cwd=tmp_path,  # not the checkout: its folder would put cvae_llama on the path
         env=env,
         capture_output=True,
+        stdin=subprocess.DEVNULL,  # a question on the console would get no answer
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    assert len(result.stdout.strip().splitlines()) == 1, result.stdout  # the report alone: nothing asked on stdout
     report = json.loads(result.stdout.strip().splitlines()[-1])
     outputs = torch.load(tmp_path / "outputs.pt")
     return report, {"inputs": inputs, **outputs}
@@ -143,14 +145,15 @@ def assert_same_as_local(model: CVAELlamaForCausalLM, report: dict, outputs: dic
     assert report["model_class"].endswith("modeling_cvae_llama.CVAELlamaForCausalLM")
     assert report["config_class"].endswith("configuration_cvae_llama.CVAELlamaConfig")
     assert report["base_class"] == "CVAELlamaForCausalLM"
-    assert report["attention"] == model.config._attn_implementation
+    assert report["attention"] == model.config._attn_implementation == "sdpa"
     input_ids, latent = outputs["inputs"]["input_ids"], outputs["inputs"]["latent"]
     with torch.no_grad():
         assert torch.equal(outputs["logits"], model(input_ids, latent=latent).logits)
         assert torch.equal(outputs["latent_mean"], model.encode(input_ids)[0])
     sequences = model.generate(input_ids, latent=latent, max_new_tokens=5, do_sample=False)
     assert torch.equal(outputs["sequences"], sequences)
-    assert report["tokenizer_decodes"] == " ".join(f"w{index}" for index in sequences[0].tolist())
+    vocab = {0: "<pad>", 1: "<s>", 2: "</s>", 3: "<unk>"}  # tiny_tokenizer's special ids, then w4 ... w98
+    assert report["tokenizer_decodes"] == " ".join(vocab.get(index, f"w{index}") for index in sequences[0].tolist())
 
 
 # ------------------------------------------------------------------------------------------------ the saved folder

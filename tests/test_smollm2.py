@@ -286,13 +286,15 @@ def expected_parameter_breakdown(config) -> dict[str, dict[str, int]]:
     lm_head = 0 if config.tie_word_embeddings else vocab * hidden  # tied: counted once
     decoder = embedding + config.num_hidden_layers * decoder_layer + hidden + lm_head
 
-    share = 2 * latent // config.num_latent_queries
+    queries = config.num_latent_queries if config.posterior_pooling == "queries" else 0  # the mean read-out: none
+    share = 2 * latent // max(queries, 1)
     encoder = (
         config.num_encoder_layers * decoder_layer
-        + config.num_latent_queries * hidden  # queries
+        + queries * hidden  # queries
         + hidden  # RMSNorm
         + (hidden * hidden + hidden)  # read-out MLP: hidden -> hidden
-        + (hidden * share + share)  # -> each query's share of mean and log-variance
+        + (hidden * share + share)  # -> each read-out's share of mean and log-variance
+        + (2 * latent if config.posterior_batch_norm else 0)  # the batch norm's scale and shift
     )
     bottleneck = int(math.sqrt(hidden))
     slots = config.num_memory_slots * hidden

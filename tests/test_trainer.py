@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_train import build_groups, build_model, build_tokenizer, fixed_noise, trainable_state
+from ddp_train import SENTENCES, build_groups, build_model, build_tokenizer, fixed_noise, trainable_state
 from safetensors.torch import load_file
 
 from cvae_llama.data import OneToManyCollator
@@ -89,7 +89,8 @@ def test_each_objective_trains_logs_every_term_and_saves(tokenizer, tmp_path, ob
     assert "encoder.to_latent_mean_logvar.2.weight" in weights
     assert ("bow_head.to_vocab.weight" in weights) == (objective == "bow")
     reloaded = CVAELlamaForCausalLM.from_pretrained(checkpoint)  # a plain CVAE (the bow head is training-only)
-    assert torch.equal(reloaded.encoder.latent_queries, trainer.model.encoder.latent_queries)
+    read_out = "to_latent_mean_logvar.2.weight"
+    assert torch.equal(reloaded.encoder.get_parameter(read_out), trainer.model.encoder.get_parameter(read_out))
     metrics = trainer.evaluate(build_groups(num_groups=2))
     assert math.isfinite(metrics["eval_loss"])
 
@@ -163,6 +164,23 @@ def test_kl_weight_zero_is_an_auto_encoder(tokenizer, tmp_path):
         assert entry["nll_per_token"] < entry["reconstruction_loss"]  # a response has several tokens
 
 
+def test_dg_grouping_auto_follows_the_data(tokenizer, tmp_path):
+    """The default `dg_grouping="auto"`: the paper's per-prompt DG on one-to-many groups, DG over the batch when every
+    row is its own example (unconditional text as flat rows, through the Python API as they are)."""
+    from datasets import Dataset
+
+    from cvae_llama.data import unconditional_rows
+
+    assert CVAETrainingArguments(output_dir=str(tmp_path)).dg_grouping == "auto"
+    assert train(tokenizer, tmp_path / "groups").dg_grouping == "group"
+    texts = unconditional_rows(Dataset.from_dict({"text": [" ".join(sentence.split()[:4]) for sentence in SENTENCES]}))
+    trainer = train(tokenizer, tmp_path / "texts", dataset=texts, per_device_train_batch_size=4)
+    assert trainer.dg_grouping == "batch"
+    assert all(math.isfinite(entry["dg"]) and entry["dg"] > 0 for entry in trainer.state.log_history if "loss" in entry)
+    with pytest.raises(ValueError, match="every group would have 1 response"):  # asked for per-prompt DG: refused
+        train(tokenizer, tmp_path / "refused", dataset=texts, dg_grouping="group")
+
+
 def test_dg_grouping_batch_aggregates_over_the_whole_batch(tokenizer, tmp_path):
     flat_groups = build_groups(num_groups=4, group_size=1)  # one response per prompt: only batch grouping works
     trainer = train(tokenizer, tmp_path, dataset=flat_groups, dg_grouping="batch", per_device_train_batch_size=2)
@@ -204,16 +222,23 @@ def test_gradient_accumulation_2x1_group_equals_a_batch_of_2_groups(tokenizer, t
         max_grad_norm=0.0,
         train_sampling_strategy="sequential",
     )
+    # The batch norm of the posterior means normalises each micro-batch by its own statistics, as any batch norm does,
+    # so only without it is a step of 2 micro-batches bitwise one batch of both (the trainer's normalisation is
+    # what this test checks; test_batch_norm_statistics_are_per_micro_batch states the other case).
+    def model():
+        return build_model(tokenizer, posterior_batch_norm=False)
+
     with fixed_noise():
-        batched = train(tokenizer, tmp_path / "batched", per_device_train_batch_size=2, **settings)
+        batched = train(tokenizer, tmp_path / "batched", model(), per_device_train_batch_size=2, **settings)
         accumulated = train(
             tokenizer,
             tmp_path / "accumulated",
+            model(),
             per_device_train_batch_size=1,
             gradient_accumulation_steps=2,
             **settings,
         )
-    initial = trainable_state(build_model(tokenizer))
+    initial = trainable_state(model())
     expected, actual = trainable_state(batched.model), trainable_state(accumulated.model)
     moved = max((expected[name] - initial[name]).abs().max().item() for name in expected if name in initial)
     assert moved > 1e-2
@@ -223,6 +248,20 @@ def test_gradient_accumulation_2x1_group_equals_a_batch_of_2_groups(tokenizer, t
     for left, right in zip(batched.state.log_history[:2], accumulated.state.log_history[:2]):
         for term in ("loss", *LOGGED_TERMS):
             assert left[term] == pytest.approx(right[term], rel=1e-4, abs=1e-5), term
+
+
+def test_batch_norm_statistics_are_per_micro_batch(tokenizer, tmp_path):
+    """With the posterior batch norm (the default), each micro-batch is normalised by its own statistics: 2
+    micro-batches of 1 group train differently from 1 batch of 2 groups, as with any batch-normalised model."""
+    settings = dict(max_steps=1, optim="sgd", learning_rate=0.2, lr_scheduler_type="constant", warmup_steps=0,
+                    max_grad_norm=0.0, train_sampling_strategy="sequential")  # fmt: skip
+    with fixed_noise():
+        batched = train(tokenizer, tmp_path / "batched", per_device_train_batch_size=2, **settings)
+        accumulated = train(tokenizer, tmp_path / "accumulated", per_device_train_batch_size=1,
+                            gradient_accumulation_steps=2, **settings)  # fmt: skip
+    assert batched.model.config.posterior_batch_norm
+    expected, actual = trainable_state(batched.model), trainable_state(accumulated.model)
+    assert not all(torch.allclose(actual[name], expected[name], atol=1e-5) for name in expected)
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
@@ -247,9 +286,9 @@ def _bad_inputs(tokenizer):
     groups = build_groups()
     return {
         "missing columns": (dict(train_dataset=groups.rename_column("responses", "texts")), {}, "prompt.*responses"),
-        "flat rows with dg": (
+        "flat rows with dg": (  # per-prompt DG asked for (by default, "auto", flat rows are DG over the batch)
             dict(train_dataset=Dataset.from_dict({"prompt": ["the cat"] * 2, "response": ["a dog", "the mat"]})),
-            {},
+            {"dg_grouping": "group"},
             "group_responses",
         ),
         "group of one with dg": (
@@ -269,7 +308,7 @@ def _bad_inputs(tokenizer):
                     [{"prompt": r["prompt"], "responses": r["answers"]} for r in rows]
                 ),
             ),
-            {},
+            {"dg_grouping": "group"},
             "group of 1",
         ),
         "labels all -100": (
@@ -349,6 +388,10 @@ def test_lora_trains_only_adapters_and_cvae_modules_and_merges_into_a_plain_cvae
             continue
         if not torch.equal(initial[canonical], tensor):
             changed.add(canonical)
+    # besides trained parameters, only the running statistics of the posterior batch norm (buffers) move
+    statistics = {f"encoder.mean_norm.{name}" for name in ("running_mean", "running_var", "num_batches_tracked")}
+    assert statistics <= changed
+    changed -= statistics
     assert changed and changed <= cvae_trainable, sorted(changed - cvae_trainable)
     for part in ("encoder.layers.", "latent_memory.layers.0.to_states.", "latent_skip."):
         assert any(name.startswith(part) for name in changed), part
