@@ -316,9 +316,12 @@ def run_variant(name: str, options: argparse.Namespace, model_path, tokenizer, t
     from transformers import AutoModelForCausalLM
 
     base_model = AutoModelForCausalLM.from_pretrained(model_path).eval()
-    final = measure(trainer.model, collator, held_out, final=True, base_model=base_model)
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):  # decoder_mode "lora": the evaluation takes the merged CVAE
+        model = model.merge_and_unload()
+    final = measure(model, collator, held_out, final=True, base_model=base_model)
     if options.data == "agnews":
-        final.update(control(trainer.model, tokenizer, base_model, train_rows, held_out, output / "reports" / name))
+        final.update(control(model, tokenizer, base_model, train_rows, held_out, output / "reports" / name))
     record(options.max_steps, {"final": True, **final})
 
 
@@ -354,6 +357,7 @@ def plot(output: Path) -> Path:
     rows = [json.loads(line) for line in (output / "results.jsonl").read_text(encoding="utf-8").splitlines()]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, data in zip(axes, ("yelp", "agnews")):
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
         keys = sorted({(r["variant"], r["seed"]) for r in rows if r["data"] == data})
         for variant, seed in keys:
             points = sorted({(r["step"], r["information"]) for r in rows

@@ -105,8 +105,6 @@ class Budget:
     num_test_prompts: int = 32
     num_responses: int = 16
     max_steps: int = 64
-    learning_rate: float = 3e-3
-    warmup_steps: int = 8
     latent_size: int = 32
     gskip_samples: int = 32
     eval_group_size: int = 4
@@ -116,7 +114,7 @@ class Budget:
     mc_samples: int = 16
 
 
-QUICK_BUDGET = Budget(num_train_prompts=4, num_test_prompts=16, num_responses=4, max_steps=3, warmup_steps=0,
+QUICK_BUDGET = Budget(num_train_prompts=4, num_test_prompts=16, num_responses=4, max_steps=3,
                       latent_size=8, gskip_samples=4, eval_group_size=4, num_latents=2, iw_samples=2, lm_prompts=2,
                       mc_samples=2)  # fmt: skip
 
@@ -173,9 +171,7 @@ def train_step(row: Row, seed: int, setup: DatasetSetup, budget: Budget, model: 
     argv = ["train", "--model_name_or_path", model, "--dataset", str(out / "data" / "train"),
             "--output_dir", str(run / "cvae"), "--group_size", str(budget.num_responses),
             "--latent_size", str(budget.latent_size), "--gskip_samples", str(budget.gskip_samples), *row.flags,
-            "--max_steps", str(budget.max_steps), "--per_device_train_batch_size", "1",
-            "--learning_rate", str(budget.learning_rate), "--warmup_steps", str(budget.warmup_steps),
-            "--lr_scheduler_type", "constant_with_warmup", "--weight_decay", "0",
+            "--max_steps", str(budget.max_steps), "--per_device_train_batch_size", "1",  # the trainer's optimisation
             "--logging_steps", str(max(1, budget.max_steps // 16)), "--save_strategy", "no", "--report_to", "none",
             "--seed", str(seed), "--max_prompt_tokens", str(setup.prompt_tokens + 1),
             "--max_response_tokens", str(setup.response_tokens + 1), "--dataloader_num_workers", "0", "--use_cpu",
