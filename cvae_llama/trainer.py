@@ -896,7 +896,7 @@ class CVAETrainer(Trainer):
             batch = self.data_collator(list(islice(iter(dataset), self.args.per_device_train_batch_size)))
         except Exception:  # bad data: _validate_train_dataset says what is wrong
             return "group"
-        group_ids = batch.get("group_ids") if isinstance(batch, dict) else None
+        group_ids = batch.get("group_ids") if hasattr(batch, "get") else None  # a dict or a BatchEncoding
         if group_ids is None:
             return "group"
         return "group" if int(torch.bincount(group_ids).max()) >= 2 else "batch"

@@ -13,7 +13,7 @@ Two settings, on SmolLM2-135M-Instruct (offline, `cvae_llama.pretrained.smollm2_
 Reported at every `--eval_every` steps: information, NLL (own mean, other's mean, z = 0), KL to the prior, MI (over
 the held-out set for yelp, at most log 64; in-group I(y; z | x) for agnews, at most log 8), active units (0.01 over
 the set; 0.03 in groups), the spread of the posterior means across examples and the mean posterior std; at the end
-also the importance-weighted NLL (8 samples) and its perplexity over the base LM's.
+also the importance-weighted NLL (`--iw_samples`, 8 by default) and its perplexity over the base LM's.
 
 Each evaluation appends a JSON line to `<output_dir>/results.jsonl`; a finished (variant, data, seed) is skipped, so
 an interrupted list of variants resumes. A variant is a set of `from_llm` fields, training arguments and research
@@ -217,7 +217,7 @@ class Evaluation(TrainerCallback):
 
 
 @torch.no_grad()
-def measure(model, collator, groups, final: bool, batch_size: int = 32, base_model=None) -> dict:
+def measure(model, collator, groups, final: bool, batch_size: int = 32, base_model=None, iw_samples: int = 8) -> dict:
     """The latent's numbers on `groups` (grouped rows); every group of one row is compared with another row."""
     was_training = model.training
     model.eval()
@@ -232,7 +232,7 @@ def measure(model, collator, groups, final: bool, batch_size: int = 32, base_mod
         nll_own.append(-response_log_likelihood(model, batch, mean))
         nll_z0.append(-response_log_likelihood(model, batch, torch.zeros_like(mean)))
         if final:
-            nll_iw.append(importance_weighted_nll(model, batch, num_samples=8, generator=generator))
+            nll_iw.append(importance_weighted_nll(model, batch, num_samples=iw_samples, generator=generator))
             nll_base.append(causal_lm_nll(base_model, batch))
         batches.append(batch)
     mean, logvar, group_ids = torch.cat(means), torch.cat(logvars), torch.cat(group_ids)
@@ -319,7 +319,8 @@ def run_variant(name: str, options: argparse.Namespace, model_path, tokenizer, t
     model = trainer.model
     if hasattr(model, "merge_and_unload"):  # decoder_mode "lora": the evaluation takes the merged CVAE
         model = model.merge_and_unload()
-    final = measure(model, collator, held_out, final=True, base_model=base_model)
+    final = measure(model, collator, held_out, final=True, base_model=base_model, iw_samples=options.iw_samples)
+    final["iw_samples"] = options.iw_samples
     if options.data == "agnews":
         final.update(control(model, tokenizer, base_model, train_rows, held_out, output / "reports" / name))
     record(options.max_steps, {"final": True, **final})
@@ -407,6 +408,7 @@ def main(argv=None):
     parser.add_argument("--num_eval_prompts", type=int, default=16, help="agnews: held-out prompts")
     parser.add_argument("--group_size", type=int, default=16, help="agnews: responses per prompt (a training group)")
     parser.add_argument("--eval_group_size", type=int, default=8, help="agnews: responses per held-out group")
+    parser.add_argument("--iw_samples", type=int, default=8, help="importance samples of the final IW-NLL")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT)
