@@ -707,6 +707,16 @@ def _is_complete(checkpoint: Path, args: TrainingArguments, sharded: bool) -> bo
     return True
 
 
+def _response_counts(dataset):
+    """Responses per row (a pyarrow array) of a `datasets.Dataset` whose `responses` column holds lists; else None."""
+    if not isinstance(dataset, Dataset) or "responses" not in dataset.column_names:
+        return None
+    column_type = dataset.data.schema.field("responses").type
+    if not (pyarrow.types.is_list(column_type) or pyarrow.types.is_large_list(column_type)):
+        return None
+    return pyarrow.compute.list_value_length(dataset.with_format("arrow")["responses"])
+
+
 # ---------------------------------------------------------------------------------------------------- trainer
 class CVAETrainer(Trainer):
     r"""
@@ -887,11 +897,9 @@ class CVAETrainer(Trainer):
             return self.args.dg_grouping
         if dataset is None:
             return "group"
-        if isinstance(dataset, Dataset) and "responses" in dataset.column_names:
-            column_type = dataset.data.schema.field("responses").type
-            if pyarrow.types.is_list(column_type) or pyarrow.types.is_large_list(column_type):
-                sizes = pyarrow.compute.list_value_length(dataset.with_format("arrow")["responses"])
-                return "group" if (pyarrow.compute.max(sizes).as_py() or 0) >= 2 else "batch"
+        sizes = _response_counts(dataset)
+        if sizes is not None:
+            return "group" if (pyarrow.compute.max(sizes).as_py() or 0) >= 2 else "batch"
         try:
             batch = self.data_collator(list(islice(iter(dataset), self.args.per_device_train_batch_size)))
         except Exception:  # bad data: _validate_train_dataset says what is wrong
@@ -925,15 +933,13 @@ class CVAETrainer(Trainer):
                     f"rows (columns {columns}): every group would have 1 response; group them with "
                     "cvae_llama.data.group_responses(dataset, group_size >= 2), or set dg_grouping='batch'"
                 )
-        if isinstance(dataset, Dataset) and "responses" in dataset.column_names:
-            column_type = dataset.data.schema.field("responses").type
-            if not (pyarrow.types.is_list(column_type) or pyarrow.types.is_large_list(column_type)):
-                raise ValueError(
-                    f"train_dataset's 'responses' column holds {column_type} values; expected a list of strings per "
-                    "row (the responses of one prompt, see cvae_llama.data.group_responses)"
-                )
-        if needs_groups and isinstance(dataset, Dataset) and "responses" in dataset.column_names:
-            sizes = pyarrow.compute.list_value_length(dataset.with_format("arrow")["responses"])
+        sizes = _response_counts(dataset)
+        if sizes is None and isinstance(dataset, Dataset) and "responses" in dataset.column_names:
+            raise ValueError(
+                f"train_dataset's 'responses' column holds {dataset.data.schema.field('responses').type} values; "
+                "expected a list of strings per row (the responses of one prompt, see cvae_llama.data.group_responses)"
+            )
+        if needs_groups and sizes is not None:
             smallest = pyarrow.compute.min(sizes).as_py()
             if smallest is None or smallest < 2:
                 row = pyarrow.compute.index(sizes, smallest).as_py() if smallest is not None else 0

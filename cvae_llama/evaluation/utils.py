@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..configuration_cvae_llama import CVAE_FIELDS
 from ..data import encode_prompts
-from ..modeling_cvae_llama import LATENT_MEMORY_ATTENTION, CVAELlamaForCausalLM
+from ..modeling_cvae_llama import CVAELlamaForCausalLM
 
 
 def check_cvae(model) -> CVAELlamaForCausalLM:
@@ -47,7 +47,7 @@ def decoder_as_causal_lm(model: CVAELlamaForCausalLM) -> LlamaForCausalLM:
     for key in (*CVAE_FIELDS, "model_type", "architectures", "auto_map", "base_model_name_or_path"):
         values.pop(key, None)
     config = LlamaConfig(**values)
-    config._attn_implementation = model.config._attn_implementation.removeprefix(LATENT_MEMORY_ATTENTION)
+    config._attn_implementation = model.config._attn_implementation
     with torch.device("meta"):  # no weights allocated: the modules come from the CVAE
         llm = LlamaForCausalLM(config)
     llm.model, llm.lm_head = model.model, model.lm_head
