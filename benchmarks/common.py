@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cvae_llama import CVAELlamaConfig, CVAELlamaForCausalLM
-from cvae_llama.trainer import density_gap
+from cvae_llama.latent_statistics import density_gap
 
 
 def smollm2_shape(num_hidden_layers: int = 30, **overrides) -> LlamaConfig:

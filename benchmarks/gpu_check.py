@@ -38,7 +38,7 @@ from common import (  # noqa: E402
 
 from cvae_llama import CVAELlamaConfig, CVAELlamaForCausalLM  # noqa: E402
 from cvae_llama.modeling_cvae_llama import reparameterize  # noqa: E402
-from cvae_llama.trainer import density_gap  # noqa: E402
+from cvae_llama.latent_statistics import density_gap  # noqa: E402
 
 
 def timed(function, repeats: int, device) -> float:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import make_batch, smollm2_shape  # noqa: E402
 
 from cvae_llama import CVAELlamaConfig, CVAELlamaForCausalLM  # noqa: E402
-from cvae_llama.trainer import density_gap  # noqa: E402
+from cvae_llama.latent_statistics import density_gap  # noqa: E402
 
 MIB = 2**20
 

@@ -22,6 +22,13 @@ CVAE_FIELDS = (
     "posterior_batch_norm",
     "posterior_pooling",
 )
+# The allowed values of the CVAE fields that take a name (checked by `validate_cvae`; the command line's choices).
+CVAE_FIELD_CHOICES = {
+    "latent_injection": LATENT_INJECTIONS,
+    "skip_connection": SKIP_CONNECTIONS,
+    "decoder_mode": DECODER_MODES,
+    "posterior_pooling": POSTERIOR_POOLINGS,
+}
 # CVAE fields added after the first release, with the value that folders saved before them were built with: a saved
 # config without such a field loads as the architecture its weights have.
 CVAE_FIELDS_ADDED_LATER = {"posterior_batch_norm": False, "posterior_pooling": "queries"}
@@ -51,8 +58,9 @@ class CVAELlamaConfig(LlamaConfig):
         gskip_samples (`int`, defaults to 32):
             Reparameterised samples of `z` averaged by the skip connection in training.
         decoder_mode (`str`, defaults to `"frozen"`):
-            `"frozen"` (the paper: only the CVAE's own modules train), `"full"` (the decoder trains too) or
-            `"lora"` (LoRA adapters on the decoder, added by the trainer through peft).
+            `"frozen"`: the LLM stays fixed and only the CVAE's own modules train (the authors' stage 2; their
+            training command trains every parameter, their stage 0, which `"full"` is close to); `"full"`: the
+            decoder trains too; `"lora"`: LoRA adapters on the decoder, added by the trainer through peft.
         posterior_batch_norm (`bool`, defaults to `True`):
             Batch-normalise the posterior means (BN-VAE, Zhu et al., 2020): in training each latent dimension of
             the batch's means is standardised (then scaled and shifted by learned parameters starting at 1 and 0),
@@ -116,12 +124,7 @@ class CVAELlamaConfig(LlamaConfig):
             )
         if not isinstance(self.posterior_batch_norm, bool):
             raise ValueError(f"`posterior_batch_norm` must be True or False, got {self.posterior_batch_norm!r}")
-        for name, allowed in (
-            ("latent_injection", LATENT_INJECTIONS),
-            ("skip_connection", SKIP_CONNECTIONS),
-            ("decoder_mode", DECODER_MODES),
-            ("posterior_pooling", POSTERIOR_POOLINGS),
-        ):
+        for name, allowed in CVAE_FIELD_CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}")

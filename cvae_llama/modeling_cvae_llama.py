@@ -86,7 +86,7 @@ def latent_memory_attention(module, query, key, value, attention_mask, latent_me
     """Self-attention in which every real token also attends to the layer's latent memory slots.
 
     `latent_memory` is a tuple over decoder layers of `(key, value)`, each `(batch, num_key_value_heads,
-    num_memory_slots, head_dim)`; the slots sit in front of the real keys like a prefix (METHOD.md, section 1.2).
+    num_memory_slots, head_dim)`; the slots sit in front of the real keys like a prefix (the latent memory of Zhang et al., 2026).
     Without it (a call without memory) this is the wrapped implementation unchanged. Only the decoder's attention
     modules call it: their config is a [`_LatentMemoryAttentionConfig`].
     """
@@ -811,7 +811,7 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
 
         if self.latent_skip is not None:
-            if latent_mean is not None and self.training:  # K reparameterised samples of q, averaged (METHOD.md, 1.3)
+            if latent_mean is not None and self.training:  # K reparameterised samples of q, averaged (G-Skip)
                 samples = reparameterize(latent_mean, latent_logvar, self.config.gskip_samples)
             else:
                 samples = latent[None]

@@ -352,7 +352,7 @@ def finished(output: Path, data: str, name: str, seed: int, steps: int) -> bool:
 
 
 def plot(output: Path) -> Path:
-    from cvae_llama.evaluation.plots import _pyplot
+    from cvae_llama.evaluation.plots import pyplot as _pyplot
 
     plt = _pyplot()
     rows = [json.loads(line) for line in (output / "results.jsonl").read_text(encoding="utf-8").splitlines()]

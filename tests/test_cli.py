@@ -22,7 +22,9 @@ from test_remote_code import (
 )
 from transformers import LlamaForCausalLM
 
-from cvae_llama.cli import COMMANDS, DataArguments, detect_dataset_format, load_rows, load_tokenizer, main, read_latent
+from cvae_llama.cli import COMMANDS, build_parser, main
+from cvae_llama.latent_io import read_latent
+from cvae_llama.loading import detect_dataset_format, load_rows, load_tokenizer
 from cvae_llama.modeling_cvae_llama import CVAELlamaForCausalLM
 
 
@@ -124,6 +126,41 @@ def test_each_command_explains_its_step_and_flags(capsys, command, flags):
     for flag in flags:
         assert flag in out, flag
     assert "example:" in out
+
+
+def test_the_cvae_flags_are_the_config_fields():
+    """`train`'s CVAE flags come from `CVAELlamaConfig`: its fields, types, allowed values and documented help."""
+    import dataclasses
+
+    from cvae_llama.cli.arguments import CVAEArguments, documented_arguments
+    from cvae_llama.configuration_cvae_llama import CVAE_FIELD_CHOICES, CVAE_FIELDS, CVAELlamaConfig
+
+    flags = {flag.name: flag for flag in dataclasses.fields(CVAEArguments)}
+    assert tuple(flags) == CVAE_FIELDS
+    documented = documented_arguments(CVAELlamaConfig)
+    for name, flag in flags.items():
+        assert flag.default is None  # unset: the config's default
+        assert flag.metadata["help"].startswith(documented[name]) and len(documented[name]) > 20, name
+        assert flag.metadata.get("choices") == (list(CVAE_FIELD_CHOICES[name]) if name in CVAE_FIELD_CHOICES else None)
+    assert "stage 2" in flags["decoder_mode"].metadata["help"]  # frozen is the authors' stage 2, not their command
+    parser = build_parser("train")
+    parsed = parser.parse_args_into_dataclasses(
+        ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o", "--decoder_mode", "lora",
+         "--posterior_batch_norm", "false", "--latent_size", "16"]
+    )  # fmt: skip
+    (cvae_args,) = [args for args in parsed if isinstance(args, CVAEArguments)]
+    assert cvae_args.fields_given() == {"latent_size": 16, "decoder_mode": "lora", "posterior_batch_norm": False}
+
+
+def test_no_library_module_imports_the_command_line():
+    """The library (the demo included) never imports `cvae_llama.cli`; the command line imports the library."""
+    code = (
+        "import sys, cvae_llama.demo, cvae_llama.export, cvae_llama.loading, cvae_llama.latent_io, cvae_llama.sft; "
+        "print(sorted(name for name in sys.modules if name.startswith('cvae_llama.cli')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
 
 
 def test_console_script_and_python_m():
@@ -418,10 +455,9 @@ def test_shared_data_and_hub_datasets_reach_the_commands(shared_data, workspace,
     from datasets import Dataset
 
     tokenizer = load_tokenizer(str(workspace / "llm"))
-    rows, found = load_rows(DataArguments(dataset=str(shared_data / "agnews"), split="validation", max_samples=3),
-                            tokenizer)
+    rows, found = load_rows(shared_data / "agnews", tokenizer, split="validation")
     assert found == "agnews" and {"prompt", "response", "label"} <= set(rows.column_names)
-    rows, found = load_rows(DataArguments(dataset=str(shared_data / "dailydialog"), split="validation"), tokenizer)
+    rows, found = load_rows(shared_data / "dailydialog", tokenizer, split="validation")
     assert found == "dailydialog" and len(rows) == 7069
 
     # a Hub dataset with other column names (datasets.load_dataset stands in for the download)
@@ -434,6 +470,15 @@ def test_shared_data_and_hub_datasets_reach_the_commands(shared_data, workspace,
     from datasets import load_from_disk
 
     assert load_from_disk(str(output))["prompt"] == ["w5 w6", "w5 w6", "w7", "w7"]
+
+
+def test_load_tokenizer_gives_a_tokenizer_without_pad_its_eos_token(tmp_path):
+    """The pad-token policy, in one place: a command's tokenizer gets `pad_token = eos_token` when it has none."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.pad_token == loaded.eos_token is not None and loaded.padding_side == "left"
 
 
 def test_an_unreachable_hub_dataset_is_one_line(workspace, tmp_path, capsys):
@@ -479,6 +524,7 @@ def bad_inputs(workspace: Path, tmp: Path) -> dict[str, tuple[list, str]]:
                            json.dumps([[0.0] * 8, [1.0] * 8])], "not one of the labels"),
         "missing results": (["export", "--model_name_or_path", cvae, "--output_dir", tmp / "out4", "--results",
                              tmp / "results.json"], "does not exist"),
+        "demo into a non-empty folder": (["demo", "--output_dir", tmp], "pass --overwrite"),
     }
 
 
@@ -488,7 +534,7 @@ def bad_inputs(workspace: Path, tmp: Path) -> dict[str, tuple[list, str]]:
         "missing dataset", "dataset without columns", "missing model", "folder that is no model",
         "model that is not a CVAE", "LLM for export", "latent of the wrong size", "latent of the wrong width",
         "inline latent of the wrong size", "latent file that is not weights only", "missing latent file",
-        "two latent sources", "output file exists", "unknown label", "missing results",
+        "two latent sources", "output file exists", "unknown label", "missing results", "demo into a non-empty folder",
     ],
 )  # fmt: skip
 def test_bad_input_is_one_clear_line_and_a_non_zero_exit(workspace, tmp_path, capsys, case):

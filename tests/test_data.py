@@ -4,6 +4,7 @@ import zipfile
 
 import pytest
 import torch
+from conftest import tiny_cvae_config, tiny_llama_config
 from datasets import Dataset, load_from_disk
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -23,8 +24,6 @@ from cvae_llama.data import (
     make_one_to_many,
     split_prompt_response,
 )
-
-from conftest import tiny_cvae_config, tiny_llama_config
 
 
 PAD, BOS, EOS = 0, 1, 2
@@ -77,7 +76,7 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-# ------------------------------------------------------------------------------------------------------ readers
+# ------------------------------------------------------------------------------------ readers (data/loaders.py)
 
 
 def test_load_yelp_folder(shared_data):
@@ -240,7 +239,7 @@ def test_split_prompt_response_by_hand():
 def test_split_prompt_response_round_trip_bpe(bpe_tokenizer):
     texts = Dataset.from_dict({"text": SENTENCES + ["Zürich café – naïve ✓ emoji 🎉 fin."]})
     dataset = split_prompt_response(texts, bpe_tokenizer, 5)
-    for text, prompt, response in zip(texts["text"], dataset["prompt"], dataset["response"]):
+    for text, prompt, response in zip(texts["text"], dataset["prompt"], dataset["response"], strict=True):
         assert prompt + response == text
         encode = lambda s: bpe_tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
         assert len(encode(prompt)) <= 5  # a character split across byte tokens goes to the prompt whole
@@ -265,7 +264,7 @@ def test_load_dataset_by_name_paper_budgets(shared_data, bpe_tokenizer):
     assert len(dialogues) == 7_069
 
 
-# ----------------------------------------------------------------------------------------------------- grouping
+# ---------------------------------------------------------------------------------- grouping (data/grouping.py)
 
 
 def flat_rows() -> Dataset:
@@ -313,7 +312,7 @@ def test_group_responses_disjoint_groups_empty_responses_and_prompt_ids():
 def test_group_responses_bad_input():
     with pytest.raises(ValueError, match="group_size=4 leaves no group: prompts have at most 3"):
         group_responses(flat_rows().select(range(5, 9)), 4)
-    with pytest.raises(ValueError, match="group_size=0 must be an integer >= 1"):
+    with pytest.raises(ValueError, match="group_size must be an integer >= 1, got group_size=0"):
         group_responses(flat_rows(), 0)
     with pytest.raises(ValueError, match="empty"):
         group_responses(flat_rows().select([]), 2)
@@ -321,7 +320,7 @@ def test_group_responses_bad_input():
         group_responses(flat_rows().remove_columns("response"), 2)
 
 
-# ----------------------------------------------------------------------------------------------------- collator
+# ---------------------------------------------------------------------------------- collator (data/collator.py)
 
 
 def test_collator_by_hand():
@@ -400,11 +399,11 @@ def test_collator_bad_input():
     tokenizer.pad_token = None
     with pytest.raises(ValueError, match=r"no pad token.*tokenizer.pad_token = tokenizer.eos_token"):
         OneToManyCollator(tokenizer, 4, 4)
-    with pytest.raises(ValueError, match="max_response_tokens=0 must be >= 1"):
+    with pytest.raises(ValueError, match="max_response_tokens must be an integer >= 1, got max_response_tokens=0"):
         OneToManyCollator(word_tokenizer(), 4, 0)
 
 
-# ----------------------------------------------------------------------------------------------------- sampling
+# ------------------------------------------------------------------------------- sampling (data/one_to_many.py)
 
 
 PROMPTS = ["the food was", "never going back", "", "Stocks rose on", "What do you"]
@@ -496,7 +495,7 @@ def test_make_one_to_many_refuses_overwrite_and_changed_settings(sampler, bpe_to
 def test_make_one_to_many_bad_input(sampler, bpe_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="prompts is empty"):
         make_one_to_many(sampler, bpe_tokenizer, [], 2, tmp_path, max_new_tokens=2)
-    with pytest.raises(ValueError, match="num_responses=0 must be >= 1"):
+    with pytest.raises(ValueError, match="num_responses must be an integer >= 1, got num_responses=0"):
         make_one_to_many(sampler, bpe_tokenizer, ["a"], 0, tmp_path, max_new_tokens=2)
     with pytest.raises(ValueError, match="labels has 1 entries but prompts has 2"):
         make_one_to_many(sampler, bpe_tokenizer, ["a", "b"], 2, tmp_path, max_new_tokens=2, labels=[0])

@@ -681,6 +681,13 @@ def test_evaluation_report_rejects_bad_input(saved_model, model, tokenizer, tmp_
     assert not (tmp_path / "results.json").exists()  # nothing written on bad input
 
 
+def test_every_report_metric_is_one_function_and_one_markdown_section():
+    from cvae_llama.evaluation.report import MARKDOWN_SECTIONS, METRIC_FUNCTIONS
+
+    assert tuple(METRIC_FUNCTIONS) == METRICS == tuple(MARKDOWN_SECTIONS)  # one registry order, no if-chain
+    assert all(callable(function) for function in (*METRIC_FUNCTIONS.values(), *MARKDOWN_SECTIONS.values()))
+
+
 @pytest.mark.slow
 def test_evaluation_report_on_smollm2_agnews(tmp_path):
     from transformers import AutoTokenizer

@@ -36,8 +36,8 @@ def test_gaussian_kl_matches_closed_form_and_torch_distributions():
     latent_logvar = torch.tensor([[0.0, -1.0, 0.5], [2.0, 0.3, -0.2]])
     expected = torch.tensor(
         [
-            [0.5 * (m**2 + math.exp(lv) - lv - 1) for m, lv in zip(means, logvars)]
-            for means, logvars in zip(latent_mean.tolist(), latent_logvar.tolist())
+            [0.5 * (m**2 + math.exp(lv) - lv - 1) for m, lv in zip(means, logvars, strict=True)]
+            for means, logvars in zip(latent_mean.tolist(), latent_logvar.tolist(), strict=True)
         ]
     )
     torch.testing.assert_close(gaussian_kl(latent_mean, latent_logvar), expected)
@@ -121,7 +121,8 @@ def test_cyclical_beta_bad_input(kwargs, message):
 
 # ---------------------------------------------------------------------------------------------------- density gap
 def density_gap_by_loops(latent_mean, latent_logvar, latent_samples, group_ids) -> float:
-    """METHOD.md's R_DG with python loops over groups, d, i, s and j (math.log / math.exp, float64)."""
+    """The density gap R_DG of Zhang et al. 2026 with python loops over groups, d, i, s and j (math.log / math.exp,
+    float64)."""
     mean, logvar, samples = latent_mean.tolist(), latent_logvar.tolist(), latent_samples.tolist()
     groups = {}
     for row, group in enumerate(group_ids.tolist()):
@@ -316,3 +317,15 @@ def test_training_arguments_bad_values_name_the_field(tmp_path, field, value):
 def test_every_objective_is_accepted(tmp_path):
     for objective in OBJECTIVES:
         assert CVAETrainingArguments(output_dir=str(tmp_path), objective=objective).objective == objective
+
+
+def test_every_objective_has_a_regulariser_and_a_beta_schedule(tmp_path):
+    from cvae_llama.training.objectives import BETA_SCHEDULES, REGULARISERS, free_bits_term, kl_term
+
+    assert tuple(REGULARISERS) == tuple(BETA_SCHEDULES) == OBJECTIVES
+    assert REGULARISERS["optimus"] is REGULARISERS["free_bits"] is free_bits_term
+    assert REGULARISERS["cyclical"] is REGULARISERS["bow"] is REGULARISERS["kl"] is kl_term
+    args = CVAETrainingArguments(output_dir=str(tmp_path), kl_weight=0.5, num_cycles=1)
+    for objective, schedule in BETA_SCHEDULES.items():  # 5 of 8 steps: the cyclical schedule's beta is 0.5
+        expected = 0.5 * (cyclical_beta(5, 8, num_cycles=1) if objective in ("cyclical", "optimus") else 1.0)
+        assert schedule(5, 8, args) == expected, objective

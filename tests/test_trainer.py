@@ -176,7 +176,9 @@ def test_dg_grouping_auto_follows_the_data(tokenizer, tmp_path):
     texts = unconditional_rows(Dataset.from_dict({"text": [" ".join(sentence.split()[:4]) for sentence in SENTENCES]}))
     trainer = train(tokenizer, tmp_path / "texts", dataset=texts, per_device_train_batch_size=4)
     assert trainer.dg_grouping == "batch"
-    assert all(math.isfinite(entry["dg"]) and entry["dg"] > 0 for entry in trainer.state.log_history if "loss" in entry)
+    assert all(
+        math.isfinite(entry["dg"]) and entry["dg"] > 0 for entry in trainer.state.log_history if "loss" in entry
+    )
     with pytest.raises(ValueError, match="every group would have 1 response"):  # asked for per-prompt DG: refused
         train(tokenizer, tmp_path / "refused", dataset=texts, dg_grouping="group")
 
@@ -222,6 +224,7 @@ def test_gradient_accumulation_2x1_group_equals_a_batch_of_2_groups(tokenizer, t
         max_grad_norm=0.0,
         train_sampling_strategy="sequential",
     )
+
     # The batch norm of the posterior means normalises each micro-batch by its own statistics, as any batch norm does,
     # so only without it is a step of 2 micro-batches bitwise one batch of both (the trainer's normalisation is
     # what this test checks; test_batch_norm_statistics_are_per_micro_batch states the other case).
@@ -245,7 +248,7 @@ def test_gradient_accumulation_2x1_group_equals_a_batch_of_2_groups(tokenizer, t
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-5, msg=name)
     # the logged terms agree too (they are means over the step's groups and tokens)
-    for left, right in zip(batched.state.log_history[:2], accumulated.state.log_history[:2]):
+    for left, right in zip(batched.state.log_history[:2], accumulated.state.log_history[:2], strict=True):
         for term in ("loss", *LOGGED_TERMS):
             assert left[term] == pytest.approx(right[term], rel=1e-4, abs=1e-5), term
 
@@ -351,8 +354,9 @@ def test_unknown_objective_and_wrong_model_are_errors(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="objective"):
         make_args(tmp_path, objective="vae")
     with pytest.raises(ValueError, match="CVAELlamaForCausalLM"):
-        CVAETrainer(torch.nn.Linear(2, 2), make_args(tmp_path), train_dataset=build_groups(),
-                    processing_class=tokenizer)
+        CVAETrainer(
+            torch.nn.Linear(2, 2), make_args(tmp_path), train_dataset=build_groups(), processing_class=tokenizer
+        )
 
 
 def test_a_later_step_without_scored_tokens_is_an_error_not_a_nan(tokenizer, tmp_path):
@@ -423,13 +427,44 @@ def test_lora_trains_only_adapters_and_cvae_modules_and_merges_into_a_plain_cvae
 
 def test_lora_with_the_bag_of_words_head_saves_the_head_in_the_adapter(tokenizer, tmp_path):
     model = build_model(tokenizer, decoder_mode="lora")
-    trainer = train(tokenizer, tmp_path, model=model, objective="bow", max_steps=2, save_strategy="steps", save_steps=2)
+    trainer = train(
+        tokenizer, tmp_path, model=model, objective="bow", max_steps=2, save_strategy="steps", save_steps=2
+    )
     assert all(math.isfinite(entry["bow_loss"]) for entry in trainer.state.log_history if "loss" in entry)
     adapter = load_file(tmp_path / "checkpoint-2" / "adapter_model.safetensors")
     assert any(key.startswith("base_model.model.bow_head.") for key in adapter)
     with pytest.raises(ValueError, match="bag-of-words head"):  # a PeftModel made elsewhere cannot get the head
-        CVAETrainer(apply_lora(build_model(tokenizer)), make_args(tmp_path, objective="bow"),
-                    train_dataset=build_groups(), processing_class=tokenizer)
+        CVAETrainer(
+            apply_lora(build_model(tokenizer)),
+            make_args(tmp_path, objective="bow"),
+            train_dataset=build_groups(),
+            processing_class=tokenizer,
+        )
+
+
+def test_lora_targets_module_lists_and_names_every_parameter_as_the_cvae_does(tokenizer):
+    from peft import PeftModel
+
+    from cvae_llama.training.lora import cvae_parameter_names
+
+    plain = build_model(tokenizer)
+    own_names = {name for name, _ in plain.named_parameters()}
+    assert cvae_parameter_names(plain) == {name: name for name in own_names}
+    peft_model = apply_lora(build_model(tokenizer), target_modules=("q_proj", "v_proj", "gate_proj"))
+    assert isinstance(peft_model, PeftModel)
+    config = peft_model.peft_config["default"]
+    assert config.target_modules == {"q_proj", "v_proj", "gate_proj"}  # names, no regular expression
+    assert "latent_memory.layers.0.v_proj" in config.exclude_modules  # the memory's copies get no adapter
+    names = cvae_parameter_names(peft_model)
+    # every CVAE parameter once (a trained copy stands for its module), LoRA's adapters left out
+    assert sorted(names.values()) == sorted(own_names)
+    assert not any(".lora_" in name for name in names)
+    assert names["base_model.model.encoder.modules_to_save.default.layers.0.self_attn.q_proj.weight"] == (
+        "encoder.layers.0.self_attn.q_proj.weight"
+    )
+    trainable = {names[name] for name, p in peft_model.named_parameters() if p.requires_grad and name in names}
+    lora_mode = build_model(tokenizer, decoder_mode="lora")  # what decoder_mode="lora" trains, before peft
+    assert trainable == {name for name, p in lora_mode.named_parameters() if p.requires_grad}
 
 
 def test_apply_lora_bad_input(tokenizer):
@@ -464,7 +499,14 @@ def agnews_one_to_many(tmp_path_factory, shared_data):
         flat = load_from_disk(str(output_dir))
     else:
         flat = make_one_to_many(
-            llm, tokenizer, prompts, 4, output_dir, max_new_tokens=24, batch_size=16, labels=rows["label"],
+            llm,
+            tokenizer,
+            prompts,
+            4,
+            output_dir,
+            max_new_tokens=24,
+            batch_size=16,
+            labels=rows["label"],
             progress=False,
         )
     return folder, tokenizer, group_responses(flat, group_size=4)

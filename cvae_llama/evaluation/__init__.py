@@ -1,4 +1,4 @@
-"""Evaluation of a CVAE-Llama (METHOD.md, sections 3 and 4): every metric is a public function named for what it
+"""Evaluation of a CVAE-Llama, with the metrics of Zhang et al. (IEEE TAI 2026): every metric is a public function named for what it
 computes, and [`evaluation_report`] runs a chosen set on a saved model and a dataset, writing `results.json`,
 `results.md` and PNG plots.
 

@@ -1,14 +1,15 @@
-"""Latent-guided control (METHOD.md, section 3): a label probe, label directions in the latent space, shifted
-decoding and its success rate.
+"""Latent-guided control, as in Zhang et al., "Latent Variable Modeling for Controllable and Diverse Generation From
+Large Language Models" (IEEE TAI 2026, the use of the latent): a label probe, label directions in the latent space,
+shifted decoding and its success rate.
 
 1. [`train_label_probe`]: logistic regression on the base LM's mean-pooled last hidden states, trained with torch on
    the dataset's labels, with its held-out accuracy.
 2. [`label_directions`]: per validation group (one prompt's responses), the Pearson correlation of every latent
    dimension (posterior mean) with the probe's probability of every label; averaged over groups, centred across
    labels and L2-normalised: one unit direction per label.
-3. [`shift_latents`]: z + k * direction (k = 16); [`latent_guided_control`] decodes shifted and unshifted posterior
-   means and scores them with the probe; [`control_success`] gives the target label's probability and the win rate
-   against the unshifted reconstruction.
+3. [`shift_latents`]: z + k * direction (k = [`CONTROL_STRENGTH`], 16); [`latent_guided_control`] decodes shifted
+   and unshifted posterior means and scores them with the probe; [`control_success`] gives the target label's
+   probability and the win rate against the unshifted reconstruction.
 """
 
 import math
@@ -19,8 +20,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data.budgets import DEFAULT_MAX_RESPONSE_TOKENS
+from ..validation import check_texts, pad_token_id
 from .latent import group_indices
-from .utils import check_cvae, check_texts, generate_texts, pad_token_id
+from .utils import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, check_cvae, generate_texts
+
+
+# k of z + k * direction in the paper
+CONTROL_STRENGTH = 16.0
 
 
 @dataclass
@@ -44,8 +51,8 @@ class LabelProbe:
     feature_std: torch.Tensor
     label_values: list
     held_out_accuracy: float = math.nan
-    max_length: int = 64
-    batch_size: int = 32
+    max_length: int = DEFAULT_MAX_RESPONSE_TOKENS
+    batch_size: int = DEFAULT_BATCH_SIZE
     history: dict = field(default_factory=dict)
 
     @property
@@ -64,32 +71,33 @@ class LabelProbe:
 
 
 @torch.no_grad()
-def mean_pooled_hidden_states(llm, tokenizer, texts: Sequence[str], max_length: int = 64, batch_size: int = 32):
+def mean_pooled_hidden_states(
+    llm,
+    tokenizer,
+    texts: Sequence[str],
+    max_length: int = DEFAULT_MAX_RESPONSE_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+):
     """The LM's last hidden state averaged over each text's tokens, `(num_texts, hidden_size)` float32 on the CPU.
 
     Texts are right-padded (positions start at 0) and truncated to `max_length` tokens; an empty text is read as
     the tokenizer's end-of-sequence token.
     """
     texts = [text if text.strip() else (tokenizer.eos_token or " ") for text in check_texts(texts, "texts")]
+    pad = pad_token_id(tokenizer)
     device = next(llm.parameters()).device
     features = []
     for start in range(0, len(texts), batch_size):
         encoded = tokenizer(
             texts[start : start + batch_size], add_special_tokens=False, truncation=True, max_length=max_length
         )["input_ids"]
-        encoded = [ids if ids else [pad_token_id(tokenizer)] for ids in encoded]
-        length = max(len(ids) for ids in encoded)
-        input_ids = torch.full((len(encoded), length), pad_token_id(tokenizer), dtype=torch.long)
-        mask = torch.zeros((len(encoded), length), dtype=torch.long)
-        for row, ids in enumerate(encoded):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
-        hidden = (
-            llm(input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
-            .hidden_states[-1]
-            .float()
+        encoded = [ids if ids else [pad] for ids in encoded]
+        batch = tokenizer.pad(
+            {"input_ids": encoded}, padding_side="right", return_attention_mask=True, return_tensors="pt"
         )
-        mask = mask.to(device)[..., None].float()
+        input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        hidden = llm(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1].float()
+        mask = mask[..., None].float()
         features.append(((hidden * mask).sum(1) / mask.sum(1)).cpu())
     return torch.cat(features)
 
@@ -102,8 +110,8 @@ def train_label_probe(
     held_out_fraction: float = 0.2,
     weight_decay: float = 1e-2,
     max_iterations: int = 200,
-    max_length: int = 64,
-    batch_size: int = 32,
+    max_length: int = DEFAULT_MAX_RESPONSE_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
 ) -> LabelProbe:
     """Train a logistic-regression label probe on the LM's mean-pooled hidden states of `texts`.
@@ -220,7 +228,7 @@ def label_directions(
     return torch.where(norm > 1e-12, centred / norm.clamp(min=1e-12), 0.0).float()
 
 
-def shift_latents(latents: torch.Tensor, directions: torch.Tensor, strength: float = 16.0) -> torch.Tensor:
+def shift_latents(latents: torch.Tensor, directions: torch.Tensor, strength: float = CONTROL_STRENGTH) -> torch.Tensor:
     """z + k * direction for every label: `(n, d)` and `(num_labels, d)` -> `(num_labels, n, d)`."""
     if latents.ndim != 2 or directions.ndim != 2 or latents.shape[1] != directions.shape[1]:
         raise ValueError(
@@ -273,11 +281,11 @@ def latent_guided_control(
     prompts: Sequence[str],
     latents: torch.Tensor,
     directions: torch.Tensor,
-    strength: float = 16.0,
-    max_new_tokens: int = 32,
+    strength: float = CONTROL_STRENGTH,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     max_prompt_tokens: int | None = None,
     temperature: float | None = None,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> dict:
     """Decode each posterior mean unshifted and shifted toward every label, and score the texts with the probe.
 
@@ -287,7 +295,7 @@ def latent_guided_control(
         prompts (`list[str]`): the prompt of each latent.
         latents (`torch.Tensor` of shape `(n, latent_size)`): posterior means of test responses.
         directions (`torch.Tensor` of shape `(num_labels, latent_size)`): from [`label_directions`].
-        strength (`float`, defaults to 16.0): k.
+        strength (`float`, defaults to [`CONTROL_STRENGTH`], 16.0): k.
         temperature (`float`, *optional*): sample at this temperature (the paper: 0.1); greedy when `None`.
 
     Returns:
@@ -329,6 +337,7 @@ def latent_guided_control(
 
 
 __all__ = [
+    "CONTROL_STRENGTH",
     "LabelProbe",
     "control_success",
     "label_directions",

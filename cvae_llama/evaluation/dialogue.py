@@ -8,12 +8,15 @@ from collections.abc import Sequence
 
 import torch
 
-from ..data import encode_prompts
+from ..data.collator import IGNORE_INDEX, encode_prompts
+from ..validation import check_texts, pad_token_id
 from .text import BERTSCORE_LABEL, bertscore_minilm, bleu, distinct_n
-from .utils import check_texts, pad_token_id
+from .utils import DEFAULT_BATCH_SIZE
 
 
 FED_STYLE_LABEL = "FED-style (base-LM substitute for FED, which needs DialoGPT-large)"
+# Tokens of the conversation the FED-style score reads before each follow-up (its last ones).
+FED_MAX_CONTEXT_TOKENS = 128
 
 # The turn-level follow-up utterances of FED (Mehri and Eskenazi, 2020; as in the paper authors' fed.py).
 FED_TURN_LEVEL_FOLLOW_UPS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -58,14 +61,15 @@ def follow_up_nll(
     tokenizer,
     conversations: Sequence[str],
     follow_ups: Sequence[str],
-    max_context_tokens: int | None = 128,
-    batch_size: int = 32,
+    max_context_tokens: int | None = FED_MAX_CONTEXT_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ):
     """Mean per-token NLL of each follow-up utterance given each conversation, `(num_conversations, num_follow_ups)`.
 
     The sequence is the conversation's tokens (its last `max_context_tokens`, after the tokenizer's special
     prefix), then the follow-up's tokens; only the latter are scored.
     """
+    pad_token_id(tokenizer)
     device = next(llm.parameters()).device
     prefix_ids = encode_prompts(tokenizer, list(conversations), max_context_tokens)
     follow_up_ids = tokenizer(list(follow_ups), add_special_tokens=False)["input_ids"]
@@ -73,18 +77,20 @@ def follow_up_nll(
     scores = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        length = max(len(prefix) + len(follow_up) for prefix, follow_up in chunk)
-        input_ids = torch.full((len(chunk), length), pad_token_id(tokenizer), dtype=torch.long)
-        labels = torch.full((len(chunk), length), -100, dtype=torch.long)
-        mask = torch.zeros((len(chunk), length), dtype=torch.long)
-        for row, (prefix, follow_up) in enumerate(chunk):  # right padding: positions start at 0
-            sequence = prefix + follow_up
-            input_ids[row, : len(sequence)] = torch.tensor(sequence)
-            labels[row, len(prefix) : len(sequence)] = torch.tensor(follow_up)
-            mask[row, : len(sequence)] = 1
+        batch = tokenizer.pad(  # right padding: positions start at 0
+            {"input_ids": [prefix + follow_up for prefix, follow_up in chunk]},
+            padding_side="right",
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]
+        positions = torch.arange(input_ids.shape[1])[None]
+        prefix_lengths = torch.tensor([len(prefix) for prefix, _ in chunk])[:, None]
+        # only the follow-up is scored: not the conversation before it, nor the padding after it
+        labels = input_ids.masked_fill((positions < prefix_lengths) | (mask == 0), IGNORE_INDEX)
         logits = llm(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
         targets = labels[:, 1:].to(device)
-        scored = targets != -100
+        scored = targets != IGNORE_INDEX
         log_probs = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
         scores.append((-(log_probs * scored).sum(-1) / scored.sum(-1)).cpu())
     return torch.cat(scores).view(len(prefix_ids), len(follow_up_ids))
@@ -96,8 +102,8 @@ def fed_style_score(
     contexts: Sequence[str],
     responses: Sequence[str],
     turn_separator: str = "\n",
-    max_context_tokens: int | None = 128,
-    batch_size: int = 32,
+    max_context_tokens: int | None = FED_MAX_CONTEXT_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> dict[str, float]:
     """A FED-style turn-level score with a causal LM: a **substitute** for FED, which uses DialoGPT-large.
 
@@ -185,6 +191,7 @@ def dialogue_metrics(
 
 
 __all__ = [
+    "FED_MAX_CONTEXT_TOKENS",
     "FED_STYLE_LABEL",
     "FED_TURN_LEVEL_FOLLOW_UPS",
     "dialogue_metrics",

@@ -1,14 +1,19 @@
 """Generation with the latent: diverse generation from the prior, the latent-temperature sweep, reconstruction from
-the posterior mean, and interpolation between two responses (METHOD.md, section 3)."""
+the posterior mean, and interpolation between two responses, as Zhang et al., "Latent Variable Modeling for
+Controllable and Diverse Generation From Large Language Models" (IEEE TAI 2026) use the latent."""
 
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from ..data import OneToManyCollator
+from ..data.budgets import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_RESPONSE_TOKENS
+from ..data.collator import OneToManyCollator
+from ..data.one_to_many import SAMPLING_TEMPERATURE, SAMPLING_TOP_P
+from ..modeling_cvae_llama import CVAELlamaForCausalLM
+from ..validation import check_positive_int, check_texts
 from .text import bleu, distinct_n, rouge_l, rouge_lsum, self_bleu
-from .utils import check_cvae, check_positive_int, check_texts, generate_texts
+from .utils import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, check_cvae, generate_texts, prior_latents
 
 
 DEFAULT_TEMPERATURES = (0.1, 0.4, 0.7, 1.0)
@@ -20,9 +25,9 @@ def posterior_of_texts(
     tokenizer,
     prompts: Sequence[str],
     responses: Sequence[str],
-    max_prompt_tokens: int = 64,
-    max_response_tokens: int = 64,
-    batch_size: int = 32,
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+    max_response_tokens: int = DEFAULT_MAX_RESPONSE_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q(z | x, y) of each (prompt, response) pair, tokenised by `OneToManyCollator` as in training.
 
@@ -53,11 +58,11 @@ def base_samples(
     tokenizer,
     prompts: Sequence[str],
     num_samples: int = 8,
-    max_new_tokens: int = 32,
-    temperature: float = 1.0,
-    top_p: float = 0.95,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    temperature: float = SAMPLING_TEMPERATURE,
+    top_p: float = SAMPLING_TOP_P,
     max_prompt_tokens: int | None = None,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
 ) -> list[list[str]]:
     """The base LM's own `num_samples` samples per prompt (temperature 1.0, top_p 0.95, as the one-to-many data).
@@ -68,8 +73,6 @@ def base_samples(
     Returns:
         `list[list[str]]`: `num_samples` texts per prompt.
     """
-    from ..modeling_cvae_llama import CVAELlamaForCausalLM
-
     if isinstance(llm, CVAELlamaForCausalLM):
         raise ValueError(
             "llm is a CVAELlamaForCausalLM, whose samples depend on a latent; pass the base LM, e.g. "
@@ -78,9 +81,9 @@ def base_samples(
     prompts = check_texts(prompts, "prompts")
     check_positive_int(num_samples, "num_samples")
     expanded = [prompt for prompt in prompts for _ in range(num_samples)]
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    device = next(llm.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG left as it was
+        torch.manual_seed(seed)
         texts = generate_texts(
             llm,
             tokenizer,
@@ -93,8 +96,6 @@ def base_samples(
             temperature=temperature,
             top_p=top_p,
         )
-    finally:
-        torch.random.set_rng_state(generator_state)
     return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
 
 
@@ -130,13 +131,13 @@ def diverse_generation(
     prompts: Sequence[str],
     num_latents: int = 8,
     latent_temperature: float = 1.0,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     references: Sequence[Sequence[str]] | None = None,
     max_prompt_tokens: int | None = None,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     generator: torch.Generator | None = None,
 ) -> dict:
-    """Diverse generation (METHOD.md, section 3): K prior latents per prompt, each decoded greedily.
+    """Diverse generation (the paper's use of the latent): K prior latents per prompt, each decoded greedily.
 
     All diversity comes from z ~ N(0, latent_temperature^2 I). Scored with [`diversity_metrics`] inside each group
     and, given `references` (the base LM's own K samples per prompt, [`base_samples`]), ROUGE-Lsum to them.
@@ -156,15 +157,8 @@ def diverse_generation(
     """
     check_cvae(model)
     prompts = check_texts(prompts, "prompts")
-    if isinstance(num_latents, bool) or not isinstance(num_latents, int) or num_latents < 2:
-        raise ValueError(
-            f"num_latents must be an integer >= 2 (K latents per prompt for diversity), got {num_latents!r}"
-        )
-    if not isinstance(latent_temperature, (int, float)) or latent_temperature < 0:
-        raise ValueError(f"latent_temperature must be a number >= 0, got {latent_temperature!r}")
-    latents = latent_temperature * torch.randn(
-        len(prompts) * num_latents, model.config.latent_size, generator=generator
-    )
+    check_positive_int(num_latents, "num_latents", minimum=2)  # diversity compares K >= 2 texts per prompt
+    latents = prior_latents(model, len(prompts) * num_latents, latent_temperature, generator)
     expanded = [prompt for prompt in prompts for _ in range(num_latents)]
     texts = generate_texts(
         model,
@@ -186,10 +180,10 @@ def temperature_sweep(
     prompts: Sequence[str],
     temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
     num_latents: int = 8,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     references: Sequence[Sequence[str]] | None = None,
     max_prompt_tokens: int | None = None,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
 ) -> list[dict]:
     """[`diverse_generation`] at each latent temperature (the paper's 0.1, 0.4, 0.7, 1.0): diversity against quality.
@@ -225,10 +219,10 @@ def reconstruction(
     tokenizer,
     prompts: Sequence[str],
     responses: Sequence[str],
-    max_new_tokens: int = 32,
-    max_prompt_tokens: int = 64,
-    max_response_tokens: int = 64,
-    batch_size: int = 32,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+    max_response_tokens: int = DEFAULT_MAX_RESPONSE_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> dict:
     """Reconstruction: decode the posterior mean of each (prompt, response) greedily and compare with the response.
 
@@ -263,9 +257,9 @@ def interpolate(
     text_b: str,
     steps: int = 11,
     prompt: str = "",
-    max_new_tokens: int = 32,
-    max_prompt_tokens: int = 64,
-    max_response_tokens: int = 64,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+    max_response_tokens: int = DEFAULT_MAX_RESPONSE_TOKENS,
 ) -> dict:
     """Decode z = (1 - t) z_a + t z_b for `steps` values of t from 0 to 1, z_a, z_b the posterior means of two texts.
 

@@ -9,7 +9,8 @@ from collections.abc import Mapping
 
 import torch
 
-from .latent import diagonal_gaussian_log_density
+from ..latent_statistics import diagonal_gaussian_log_density, sample_posterior
+from ..modeling_cvae_llama import gaussian_kl
 from .utils import check_cvae
 
 
@@ -68,13 +69,14 @@ def causal_lm_nll(llm, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _posterior_samples(model, batch, num_samples, generator):
+    """The posteriors of the batch (float32) and `num_samples` reparameterised samples of each, one `(batch, d)` at a
+    time (drawn together by `cvae_llama.latent_statistics.sample_posterior`)."""
     latent_mean, latent_logvar = model.encode(
         batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
     )
     latent_mean, latent_logvar = latent_mean.float(), latent_logvar.float()
-    for _ in range(num_samples):
-        noise = torch.randn(latent_mean.shape, generator=generator).to(latent_mean.device)
-        yield latent_mean, latent_logvar, latent_mean + torch.exp(0.5 * latent_logvar) * noise
+    for latent in sample_posterior(latent_mean, latent_logvar, num_samples, generator):
+        yield latent_mean, latent_logvar, latent
 
 
 @torch.no_grad()
@@ -127,7 +129,7 @@ def negative_elbo(
     reconstruction, kl = 0.0, None
     for latent_mean, latent_logvar, latent in _posterior_samples(model, batch, num_samples, generator):
         reconstruction = reconstruction - response_log_likelihood(model, batch, latent.to(model.dtype)) / num_samples
-        kl = 0.5 * (latent_mean.pow(2) + latent_logvar.exp() - latent_logvar - 1.0).sum(-1)
+        kl = gaussian_kl(latent_mean, latent_logvar).sum(-1)
     return (reconstruction + kl).cpu()
 
 

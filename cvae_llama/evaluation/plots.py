@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 
-def _pyplot():
+def pyplot():
+    """`matplotlib.pyplot` with the file-only Agg backend (never needs a display)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)  # files only: never needs a display
@@ -17,12 +18,14 @@ def _pyplot():
     return plt
 
 
+
+
 def _save(figure, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    _pyplot().close(figure)
+    pyplot().close(figure)
     return path
 
 
@@ -50,7 +53,7 @@ def plot_latent_space(
     title: str = "Posterior means (PCA)",
 ) -> Path:
     """Scatter of the posterior means projected on their first two principal components, coloured by label."""
-    plt = _pyplot()
+    plt = pyplot()
     projections, ratio = principal_components(latent_means)
     figure, axis = plt.subplots(figsize=(6, 5))
     labels = list(labels) if labels is not None else [None] * len(projections)
@@ -75,7 +78,7 @@ def plot_kl_per_dimension(
     kl_per_dimension: Sequence[float], path: str | os.PathLike, aggregate_kl: Sequence[float] | None = None
 ) -> Path:
     """Bar chart of KL(q || p) per latent dimension (and, when given, of the groups' aggregated posterior)."""
-    plt = _pyplot()
+    plt = pyplot()
     kl = [float(value) for value in kl_per_dimension]
     figure, axis = plt.subplots(figsize=(max(6, 0.25 * len(kl)), 4))
     positions = torch.arange(len(kl)).tolist()
@@ -99,7 +102,7 @@ def plot_kl_per_dimension(
 
 def plot_interpolation(interpolation: dict, path: str | os.PathLike) -> Path:
     """ROUGE-L of each interpolation step's text to both ends against t, above the decoded text of every step."""
-    plt = _pyplot()
+    plt = pyplot()
     t, texts = interpolation["t"], interpolation["texts"]
     figure, (axis, text_axis) = plt.subplots(
         2, 1, figsize=(8, 4 + 0.22 * len(texts)), gridspec_kw={"height_ratios": [3, 0.12 * len(texts) + 0.6]}
@@ -121,7 +124,7 @@ def plot_interpolation(interpolation: dict, path: str | os.PathLike) -> Path:
 
 def plot_temperature_sweep(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     """Diversity and quality against the latent temperature, and Distinct-4 against ROUGE-Lsum."""
-    plt = _pyplot()
+    plt = pyplot()
     temperatures = [row["latent_temperature"] for row in rows]
     has_rouge = all("rouge_lsum" in row for row in rows)
     figure, axes = plt.subplots(1, 2 if has_rouge else 1, figsize=(11 if has_rouge else 6, 4.2), squeeze=False)
@@ -154,4 +157,5 @@ __all__ = [
     "plot_latent_space",
     "plot_temperature_sweep",
     "principal_components",
+    "pyplot",
 ]

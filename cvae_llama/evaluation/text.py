@@ -8,23 +8,17 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
+from ..validation import check_positive_int, check_texts
+
 
 BERTSCORE_LABEL = "BERTScore (MiniLM-L6)"
 # all-MiniLM-L6-v2 is trained to embed meaning in its last layer (mean pooling), so BERTScore reads that layer.
 BERTSCORE_MINILM_LAYERS = 6
 
 
-def _check_texts(texts, name: str, min_count: int = 1) -> list[str]:
-    if isinstance(texts, str) or not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
-        raise ValueError(f"{name} must be a list of strings, got {type(texts).__name__}")
-    if len(texts) < min_count:
-        raise ValueError(f"{name} has {len(texts)} text(s) but at least {min_count} are needed")
-    return list(texts)
-
-
 def _check_pairs(candidates, references):
-    candidates = _check_texts(candidates, "candidates")
-    references = _check_texts(references, "references")
+    candidates = check_texts(candidates, "candidates")
+    references = check_texts(references, "references")
     if len(candidates) != len(references):
         raise ValueError(
             f"candidates has {len(candidates)} texts but references has {len(references)}; expected one "
@@ -45,9 +39,8 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     (0.5, 0.5)
     ```
     """
-    texts = _check_texts(texts, "texts")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
+    texts = check_texts(texts, "texts")
+    check_positive_int(n, "n")
     counts = Counter()
     for text in texts:
         tokens = text.split()
@@ -67,7 +60,7 @@ def bleu(candidates: Sequence[str], references: Sequence[str] | Sequence[Sequenc
     """
     from sacrebleu.metrics import BLEU
 
-    candidates = _check_texts(candidates, "candidates")
+    candidates = check_texts(candidates, "candidates")
     if len(references) != len(candidates):
         raise ValueError(f"references has {len(references)} entries but candidates has {len(candidates)}")
     per_candidate = [[ref] if isinstance(ref, str) else list(ref) for ref in references]
@@ -90,7 +83,7 @@ def self_bleu(texts: Sequence[str], n: int = 4) -> float:
     Raises:
         ValueError: fewer than 2 texts.
     """
-    texts = _check_texts(texts, "texts", min_count=2)
+    texts = check_texts(texts, "texts", min_count=2)
     references = [texts[:index] + texts[index + 1 :] for index in range(len(texts))]
     return bleu(texts, references, max_order=n)
 

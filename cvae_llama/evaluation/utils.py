@@ -1,4 +1,5 @@
-"""Shared pieces of the evaluation: model checks, the base LM inside a CVAE, prompt encoding and batched decoding."""
+"""Shared pieces of the evaluation: model checks, the base LM inside a CVAE, prior samples, prompt encoding and
+batched decoding."""
 
 from collections.abc import Sequence
 
@@ -7,8 +8,14 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..configuration_cvae_llama import CVAE_FIELDS
-from ..data import encode_prompts
+from ..data.collator import prompt_inputs
 from ..modeling_cvae_llama import CVAELlamaForCausalLM
+from ..validation import check_non_negative_float, check_positive_int, check_texts, pad_token_id
+
+
+# Defaults of the evaluation functions: the cap on generated tokens, and the rows of one forward or `generate` call.
+DEFAULT_MAX_NEW_TOKENS = 32
+DEFAULT_BATCH_SIZE = 32
 
 
 def check_cvae(model) -> CVAELlamaForCausalLM:
@@ -20,20 +27,6 @@ def check_cvae(model) -> CVAELlamaForCausalLM:
             f"{type(model).__name__}{hint}"
         )
     return model
-
-
-def check_texts(texts, name: str) -> list[str]:
-    if isinstance(texts, str) or not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
-        raise ValueError(f"{name} must be a list of strings, got {type(texts).__name__}")
-    if len(texts) == 0:
-        raise ValueError(f"{name} is empty; expected at least one text")
-    return list(texts)
-
-
-def check_positive_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def decoder_as_causal_lm(model: CVAELlamaForCausalLM) -> LlamaForCausalLM:
@@ -55,25 +48,22 @@ def decoder_as_causal_lm(model: CVAELlamaForCausalLM) -> LlamaForCausalLM:
     return llm.train(model.training)
 
 
-def pad_token_id(tokenizer) -> int:
-    """The tokenizer's pad token, else its end-of-sequence token."""
-    token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if token_id is None:
-        raise ValueError("the tokenizer has neither a pad token nor an end-of-sequence token; set tokenizer.pad_token")
-    return token_id
+def prior_latents(
+    model: CVAELlamaForCausalLM,
+    num_latents: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """`(num_latents, latent_size)` prior samples z ~ N(0, temperature^2 I), float32 on the CPU.
 
-
-def prompt_inputs(tokenizer, prompts: Sequence[str], max_prompt_tokens: int | None = None) -> dict[str, torch.Tensor]:
-    """`input_ids` and `attention_mask` of prompts for `generate`, left-padded, tokenised exactly as the collator does
-    (`cvae_llama.data.encode_prompts`: the tokenizer's BOS once, the prompt's last `max_prompt_tokens` tokens)."""
-    ids = encode_prompts(tokenizer, list(prompts), max_prompt_tokens)
-    length = max(len(row) for row in ids)
-    input_ids = torch.full((len(ids), length), pad_token_id(tokenizer), dtype=torch.long)
-    attention_mask = torch.zeros((len(ids), length), dtype=torch.long)
-    for row, tokens in enumerate(ids):
-        input_ids[row, length - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
-        attention_mask[row, length - len(tokens) :] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    The same numbers as `model.sample_prior(num_latents, temperature, generator)` on a CPU model, drawn on the CPU
+    whatever the model's device: `sample_prior` draws on the model's device, where a CPU `generator` cannot be used
+    and a CUDA one gives other numbers, while an evaluation's seed must give the same latents (and texts) on every
+    machine. `generator` is a CPU generator; the global CPU random state when `None`.
+    """
+    check_positive_int(num_latents, "num_latents")
+    temperature = check_non_negative_float(temperature, "latent_temperature")
+    return temperature * torch.randn(num_latents, model.config.latent_size, generator=generator)
 
 
 def decode_new_tokens(tokenizer, sequences: torch.Tensor, prompt_length: int) -> list[str]:
@@ -87,9 +77,9 @@ def generate_texts(
     tokenizer,
     prompts: Sequence[str],
     latents: torch.Tensor | None = None,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     max_prompt_tokens: int | None = None,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     desc: str | None = None,
     **generate_kwargs,
 ) -> list[str]:
@@ -119,9 +109,12 @@ def generate_texts(
 
 
 __all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_MAX_NEW_TOKENS",
     "check_cvae",
     "decode_new_tokens",
     "decoder_as_causal_lm",
     "generate_texts",
+    "prior_latents",
     "prompt_inputs",
 ]

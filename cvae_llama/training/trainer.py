@@ -1,0 +1,357 @@
+"""[`CVAETrainer`]: a `Trainer` for a CVAE-Llama on one-to-many data, with every objective of Zhang et al., "Latent
+Variable Modeling for Controllable and Diverse Generation From Large Language Models" (IEEE TAI 2026), as trl's
+`SFTTrainer`.
+
+One training example is one **group**: a prompt `x` with `M` sampled responses `y_1 .. y_M`. The loss of a group is
+the reconstruction NLL of its responses given their posterior latents plus `beta *` a regulariser of its `M`
+posteriors (the objectives: `cvae_llama.training.objectives`).
+
+The trainer normalises the loss over the whole optimizer step (every gradient-accumulation micro-batch and every
+process): the reconstruction by the step's number of responses (the NLL summed over each response's tokens, as in
+the ELBO and the authors' code) or of scored tokens (`reconstruction_reduction="token"`), the regulariser by the
+step's number of groups. So 2 micro-batches of 1 group give the gradient of 1 batch of 2 groups, and
+`torchrun --nproc_per_node 2` that of one process with the same global batch.
+"""
+
+from collections.abc import Iterator
+from itertools import islice
+
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers import PreTrainedTokenizerBase, Trainer
+from transformers.utils import logging
+
+from ..data.collator import OneToManyCollator
+from ..latent_statistics import active_units, mutual_information
+from ..modeling_cvae_llama import CVAELlamaForCausalLM
+from .arguments import CVAETrainingArguments
+from .checkpoints import checked_resume_checkpoint
+from .data_checks import resolve_dg_grouping, validate_train_dataset
+from .lora import apply_lora, pretrained_parameter_names, unwrap_cvae
+from .objectives import (
+    BETA_SCHEDULES,
+    REGULARISERS,
+    MicroBatchPosterior,
+    attach_bow_head,
+    bag_of_words_nll,
+    density_gap_term,
+    kl_term,
+)
+
+
+logger = logging.get_logger(__name__)
+
+# The terms every training log carries (plus `bow_loss` with objective="bow").
+LOGGED_TERMS = ("reconstruction_loss", "nll_per_token", "kl", "dg", "beta", "mutual_info", "active_units")
+
+
+class CVAETrainer(Trainer):
+    r"""
+    A [`Trainer`] for [`CVAELlamaForCausalLM`] on one-to-many data, with every objective of the paper.
+
+    The loss of a step is `reconstruction + beta * regulariser (+ bow_weight * bag-of-words)`:
+
+    - reconstruction: the NLL of the response tokens (labels not -100) given `x` and one reparameterised
+      `z ~ q(z | x, y)` (the model's posterior of `input_ids`; the model applies G-Skip itself): summed over each
+      response's tokens and averaged over the step's responses (`reconstruction_reduction="sequence"`, the
+      paper's), or a token-level mean (`"token"`), over the whole optimizer step (all accumulation micro-batches
+      and processes);
+    - regulariser: computed per group (the rows of one prompt, `group_ids` from the collator) and averaged over the
+      step's groups (with `dg_grouping="batch"`, one group per micro-batch).
+
+    Every term is logged with the `Trainer`'s logs (`trainer_state.json`'s `log_history`, the progress bar and any
+    `report_to`): `reconstruction_loss` (the objective's term), `nll_per_token`, `kl` (sum over dimensions of KL to
+    N(0, I)), `dg`, `beta`, `mutual_info`, `active_units` (at `active_units_threshold`), and `bow_loss` with
+    `objective="bow"`: each is the mean over the optimizer steps since the last log of the step's mean over groups.
+    `kl`, `dg`, `mutual_info` and `active_units` are the functions of `cvae_llama.latent_statistics` that the
+    evaluation reports call too, computed whatever the objective (without gradient when it is not theirs).
+
+    Multi-GPU, FSDP and DeepSpeed: launch as any `Trainer` script (`torchrun`, `accelerate launch`); the step's
+    totals are gathered across processes (`average_tokens_across_devices`, on by default). One process driving
+    several GPUs (torch `DataParallel`) is refused.
+
+    Before the first step the training data are checked (columns, a first collated batch, group sizes): bad data
+    raise a `ValueError` instead of giving a NaN loss.
+
+    When `model.config.decoder_mode == "lora"` and `model` is not a `PeftModel` yet, the trainer wraps it with
+    [`apply_lora`] (settings from `args.lora_*`); with `objective="bow"` it attaches the bag-of-words head first
+    (`model.bow_head`).
+
+    Args:
+        model ([`CVAELlamaForCausalLM`] or a `PeftModel` of one): the CVAE.
+        args ([`CVAETrainingArguments`]): the training arguments and the objective.
+        data_collator (*optional*): defaults to `OneToManyCollator(processing_class, args.max_prompt_tokens,
+            args.max_response_tokens)` over grouped rows `{prompt, responses[, label]}`; any collator that returns
+            `input_ids`, `attention_mask`, `labels` and `group_ids` works.
+        train_dataset, eval_dataset, processing_class, **kwargs: as for [`Trainer`].
+
+    Example:
+
+    ```python
+    >>> from cvae_llama.data import group_responses
+    >>> model = CVAELlamaForCausalLM.from_llm("HuggingFaceTB/SmolLM2-135M-Instruct")  # decoder frozen, G-Skip
+    >>> args = CVAETrainingArguments(output_dir="out", per_device_train_batch_size=1, max_steps=100)
+    >>> trainer = CVAETrainer(model, args, train_dataset=group_responses(flat_rows, 16), processing_class=tokenizer)
+    >>> trainer.train()
+    >>> trainer.state.log_history[-2]["dg"]  # every term is in the logs
+    ```
+    """
+
+    # compute_loss normalises by the whole optimizer step itself (see `get_batch_samples`)
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: CVAELlamaForCausalLM | None = None,
+        args: CVAETrainingArguments | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        **kwargs,
+    ):
+        if args is None:
+            args = CVAETrainingArguments()
+        if not isinstance(args, CVAETrainingArguments):
+            raise ValueError(f"args must be a CVAETrainingArguments, got {type(args).__name__}")
+        if model is None:
+            raise ValueError("CVAETrainer needs a model (a CVAELlamaForCausalLM); model_init is not supported")
+        cvae = unwrap_cvae(model)
+        if cvae.config.decoder_mode == "full" and args.pretrained_learning_rate is None:
+            logger.warning(
+                "decoder_mode='full' trains the LLM at learning_rate=%g, the rate of the CVAE's new modules; the "
+                "authors train it at 1e-5: set pretrained_learning_rate (e.g. 1e-5) to keep the LLM intact",
+                args.learning_rate,
+            )
+        if args.objective == "bow":
+            if isinstance(model, PeftModel) and getattr(cvae, "bow_head", None) is None:
+                raise ValueError(
+                    "objective='bow' needs the bag-of-words head among the adapter's saved modules: pass the plain "
+                    "CVAELlamaForCausalLM with decoder_mode='lora' and let the trainer apply LoRA"
+                )
+            attach_bow_head(cvae)
+        if cvae.config.decoder_mode == "lora" and not isinstance(model, PeftModel):
+            model = apply_lora(
+                model,
+                r=args.lora_r,
+                alpha=args.lora_alpha,
+                target_modules=tuple(args.lora_target_modules),
+                dropout=args.lora_dropout,
+            )
+        if data_collator is None:
+            if processing_class is None:
+                raise ValueError(
+                    "CVAETrainer needs a data_collator, or a processing_class (the tokenizer) for the default "
+                    "OneToManyCollator"
+                )
+            data_collator = OneToManyCollator(processing_class, args.max_prompt_tokens, args.max_response_tokens)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                f"CVAETrainer does not support torch DataParallel (n_gpu={self.args.n_gpu} in one process); launch "
+                "one process per GPU with torchrun or accelerate launch"
+            )
+        self._step_counts: torch.Tensor | None = None  # (scored tokens, responses, groups, units) of the step
+        self._term_sums: dict[str, torch.Tensor] = {}
+        self._terms_logged_step = 0
+        # what the density gap aggregates: "group" or "batch"
+        self.dg_grouping = resolve_dg_grouping(self.args, train_dataset, self.data_collator)
+        if train_dataset is not None:
+            validate_train_dataset(self.args, train_dataset, self.data_collator, self.dg_grouping)
+
+    def create_optimizer(self, model=None):
+        """The `Trainer`'s optimizer, with the LLM's copied weights in parameter groups of their own at
+        `pretrained_learning_rate` (when it is set)."""
+        optimizer = super().create_optimizer(model)
+        rate = self.args.pretrained_learning_rate
+        if rate is None or getattr(optimizer, "_cvae_pretrained_groups", False):
+            return optimizer
+        model = self.model if model is None else model
+        names = pretrained_parameter_names(model)
+        pretrained = {id(p) for name, p in model.named_parameters() if name in names}
+        groups = []
+        for group in optimizer.param_groups:
+            params = group.pop("params")
+            for subset, lr in (
+                ([p for p in params if id(p) not in pretrained], group["lr"]),
+                ([p for p in params if id(p) in pretrained], rate),
+            ):
+                if subset:
+                    groups.append({**group, "params": subset, "lr": lr})
+        optimizer.param_groups.clear()
+        for group in groups:
+            optimizer.add_param_group(group)
+        optimizer._cvae_pretrained_groups = True
+        return optimizer
+
+    # ------------------------------------------------------------------------------------------ resuming
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`, refusing an incomplete checkpoint (see [`check_checkpoint`]) before anything is loaded."""
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        resume_from_checkpoint = checked_resume_checkpoint(resume_from_checkpoint, self.args, sharded)
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------------------------------ step bookkeeping
+    def _units(self, batch: dict) -> tuple[int, int]:
+        """(groups, regulariser units) of a micro-batch: units are groups, or 1 with dg_grouping='batch'."""
+        group_ids = batch.get("group_ids")
+        groups = int(torch.unique(group_ids).numel()) if group_ids is not None else 1
+        units = 1 if self.args.objective == "dg" and self.dg_grouping == "batch" else groups
+        return groups, units
+
+    def get_batch_samples(
+        self, epoch_iterator: Iterator, num_batches: int, device: torch.device
+    ) -> tuple[list, torch.Tensor | None]:
+        """Fetch the micro-batches of one optimizer step and count, over all of them (and all processes when
+        `average_tokens_across_devices`), the scored tokens (returned as `num_items_in_batch`), the responses, the
+        groups and the regulariser units: `compute_loss` divides by these totals, which makes the step's loss exact
+        under gradient accumulation and data parallelism."""
+        batch_samples = list(islice(epoch_iterator, num_batches))
+        if not batch_samples:
+            self._step_counts = None
+            return batch_samples, None
+        counts = torch.zeros(4, dtype=torch.long)  # scored tokens, responses (rows), groups, regulariser units
+        for batch in batch_samples:
+            counts[0] += int((batch["labels"][..., 1:] != -100).sum())
+            counts[1] += batch["labels"].shape[0]
+            counts[2:] += torch.tensor(self._units(batch))
+        counts = counts.to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            counts = self.accelerator.gather(counts[None]).sum(dim=0)
+        if counts[0] == 0:
+            raise ValueError(
+                f"no response token is scored in optimizer step {self.state.global_step} (every label is -100): the "
+                "reconstruction loss would be 0/0; check the token budgets and the responses"
+            )
+        self._step_counts = counts
+        return batch_samples, counts[0]
+
+    def _accumulate_terms(self, terms: dict[str, torch.Tensor]) -> None:
+        for key, value in terms.items():
+            value = value.detach().float()
+            self._term_sums[key] = self._term_sums[key] + value if key in self._term_sums else value
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the mean of every loss term since the last training log to a training log (one with `loss`)."""
+        if "loss" in logs and self._term_sums:
+            steps = max(self.state.global_step - self._terms_logged_step, 1)
+            keys = list(self._term_sums)
+            values = torch.stack([self._term_sums[key] for key in keys])
+            if self.args.world_size > 1:
+                # each process holds its share of the step's totals (shares of global counts: sum them)
+                reduction = "sum" if self.args.average_tokens_across_devices else "mean"
+                values = self.accelerator.reduce(values, reduction=reduction)
+            logs.update({key: value / steps for key, value in zip(keys, values.tolist(), strict=True)})
+            self._term_sums = {}
+            self._terms_logged_step = self.state.global_step
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------ the loss
+    def current_beta(self) -> float:
+        """beta of the current step: the objective's schedule ([`BETA_SCHEDULES`]) at `state.global_step`."""
+        schedule = BETA_SCHEDULES[self.args.objective]
+        return schedule(self.state.global_step, max(self.state.max_steps, 1), self.args)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        """reconstruction + beta * regulariser (+ bow_weight * bag-of-words) of a micro-batch, as its share of the
+        optimizer step's loss (see the class docstring)."""
+        args = self.args
+        inputs = dict(inputs)
+        group_ids = inputs.pop("group_ids", None)
+        inputs.pop("class_labels", None)  # the topic / dialogue act: for evaluation, not part of the objective
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError(f"the batch has no `labels` (keys {sorted(inputs)}); the collator must provide them")
+        if group_ids is None:
+            group_ids = torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device)
+
+        groups, units = self._units({"group_ids": group_ids})
+        rows = labels.shape[0]
+        if model.training and self._step_counts is not None and num_items_in_batch is not None:
+            # shares of the whole optimizer step (all micro-batches, all processes)
+            step_tokens, step_rows, step_groups, step_units = num_items_in_batch, *self._step_counts[1:]
+            world_scale = (
+                self.accelerator.num_processes if args.average_tokens_across_devices and args.world_size > 1 else 1
+            )  # DDP averages the processes' gradients; the shares are of the global totals
+        else:  # evaluation or a direct call: the mean over this batch
+            step_tokens = (labels[..., 1:] != -100).sum().clamp(min=1)
+            step_rows, step_groups, step_units, world_scale = rows, groups, units, 1
+
+        # num_items_in_batch=1: the model's loss is the sum of the NLL of the micro-batch's scored tokens
+        outputs = model(**inputs, use_cache=False, num_items_in_batch=1)
+        nll_sum = outputs.reconstruction_loss
+        # "sequence": the NLL of each response (summed over its tokens), mean over responses; "token": a token mean
+        reconstruction = nll_sum / (step_rows if args.reconstruction_reduction == "sequence" else step_tokens)
+        if outputs.latent_mean is None:
+            raise ValueError("the model returned no posterior (latent_mean); it must encode input_ids in training")
+        posterior = MicroBatchPosterior(
+            latent_mean=outputs.latent_mean,
+            latent_logvar=outputs.latent_logvar,
+            group_ids=group_ids,
+            group_share=groups / step_groups,
+            dg_group_ids=None if self.dg_grouping == "batch" else group_ids,
+            dg_share=units / step_units,
+        )
+        beta = self.current_beta()
+        regularise = REGULARISERS[args.objective]
+        regulariser = regularise(posterior, args)  # the micro-batch's share of the step's regulariser
+        loss = reconstruction + beta * regulariser
+
+        terms = {}
+        if args.objective == "bow":
+            if "bow_logits" not in outputs:
+                raise ValueError("objective='bow' but the model has no bag-of-words head (see attach_bow_head)")
+            bow_loss = bag_of_words_nll(outputs["bow_logits"], labels) / step_tokens
+            loss = loss + args.bow_weight * bow_loss
+            terms["bow_loss"] = bow_loss
+        loss = loss * world_scale
+
+        if model.training:
+            with torch.no_grad():
+                terms.update(
+                    reconstruction_loss=reconstruction,
+                    nll_per_token=nll_sum / step_tokens,
+                    beta=regulariser.new_tensor(beta) * posterior.group_share,
+                    **self._latent_statistics(posterior, regularise, regulariser),
+                )
+            self._accumulate_terms(terms)
+        if return_outputs:
+            outputs["loss"] = loss
+            return loss, outputs
+        return loss
+
+    def _latent_statistics(self, posterior: MicroBatchPosterior, regularise, regulariser) -> dict[str, torch.Tensor]:
+        """The logged `kl`, `dg`, `mutual_info` and `active_units` of a micro-batch, as its shares of the step's means
+        over groups (`cvae_llama.latent_statistics`, as the evaluation computes them); the objective's own term is
+        logged as it entered the loss."""
+        mean, logvar, group_ids = posterior.latent_mean, posterior.latent_logvar, posterior.group_ids
+        threshold = self.args.active_units_threshold
+        return {
+            "kl": regulariser if regularise is kl_term else kl_term(posterior, self.args),
+            "dg": regulariser if regularise is density_gap_term else density_gap_term(posterior, self.args),
+            "mutual_info": mutual_information(mean, logvar, group_ids) * posterior.group_share,
+            "active_units": active_units(mean, group_ids, threshold) * posterior.group_share,
+        }
+
+
+__all__ = ["LOGGED_TERMS", "CVAETrainer"]
