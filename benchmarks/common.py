@@ -9,14 +9,18 @@ import time
 from collections.abc import Callable
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from cvae_llama import CVAELlamaConfig, CVAELlamaForCausalLM
+from cvae_llama.configuration_cvae_llama import BASE_CONFIG_CLASSES
+from cvae_llama.modeling_cvae_llama import DECODER_ARCHITECTURES
 from cvae_llama.latent_statistics import density_gap
 
 
-def smollm2_shape(num_hidden_layers: int = 30, **overrides) -> LlamaConfig:
-    """The shape of SmolLM2-135M (random weights: no download)."""
+def smollm2_shape(num_hidden_layers: int = 30, architecture: str = "llama", **overrides) -> PretrainedConfig:
+    """The shape of SmolLM2-135M (random weights: no download), in a decoder architecture of `BASE_CONFIG_CLASSES`
+    (the same sizes: Qwen2 adds its q/k/v biases, Qwen3 its q/k norms, Mistral a sliding window longer than the
+    benchmarks' sequences)."""
     values = dict(
         vocab_size=49152,
         hidden_size=576,
@@ -32,7 +36,12 @@ def smollm2_shape(num_hidden_layers: int = 30, **overrides) -> LlamaConfig:
         pad_token_id=2,
     )
     values.update(overrides)
-    return LlamaConfig(**values)
+    return BASE_CONFIG_CLASSES[architecture](**values)
+
+
+def causal_lm(config: PretrainedConfig):
+    """transformers' own causal LM of the config's architecture (`LlamaForCausalLM`, `Qwen3ForCausalLM`, ...)."""
+    return DECODER_ARCHITECTURES[config.model_type].causal_lm(config)
 
 
 def llama3_8b_shape(**overrides) -> LlamaConfig:
@@ -54,10 +63,10 @@ def llama3_8b_shape(**overrides) -> LlamaConfig:
     return LlamaConfig(**values)
 
 
-def build_pair(llama_config: LlamaConfig, decoder_mode: str, dtype=torch.float32, device="cpu", **cvae_fields):
-    """A plain `LlamaForCausalLM` and the CVAE built around it (`from_llm`: same decoder weights)."""
+def build_pair(config: PretrainedConfig, decoder_mode: str, dtype=torch.float32, device="cpu", **cvae_fields):
+    """A plain causal LM of the config's architecture and the CVAE built around it (`from_llm`: same weights)."""
     torch.manual_seed(0)
-    plain = LlamaForCausalLM(llama_config).to(device=device, dtype=dtype)
+    plain = causal_lm(config).to(device=device, dtype=dtype)
     cvae = CVAELlamaForCausalLM.from_llm(plain, decoder_mode=decoder_mode, **cvae_fields)
     return plain, cvae
 
@@ -135,6 +144,7 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 __all__ = [
     "smollm2_shape",
+    "causal_lm",
     "llama3_8b_shape",
     "build_pair",
     "make_batch",

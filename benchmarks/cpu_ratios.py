@@ -4,7 +4,8 @@
     python benchmarks/cpu_ratios.py --quick         # one tiny iteration of everything (the smoke test)
     python benchmarks/cpu_ratios.py --sections depth generate --threads 2   # some of the tables
 
-Shapes: SmolLM2-135M (30 layers, hidden 576), random weights; one group of 16 responses, prompt 32 + response 32
+Shapes: SmolLM2-135M (30 layers, hidden 576), random weights, in the decoder architecture `--architecture` (default
+Llama; the peak-memory section stays Llama); one group of 16 responses, prompt 32 + response 32
 tokens. Each variant is interleaved round by round with a plain model of its own (one pair in memory at a time);
 each cell is the median of the per-round ratios, with the min-max spread in brackets. Peak memory is measured in fresh subprocesses (see peak_memory.py).
 """
@@ -17,13 +18,13 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     adamw,
     build_pair,
+    causal_lm,
     cvae_step,
     format_table,
     interleaved,
@@ -34,6 +35,7 @@ from common import (  # noqa: E402
 )
 
 from cvae_llama import CVAELlamaConfig  # noqa: E402
+from cvae_llama.configuration_cvae_llama import BASE_CONFIG_CLASSES  # noqa: E402
 from cvae_llama.modeling_cvae_llama import reparameterize  # noqa: E402
 from cvae_llama.latent_statistics import density_gap  # noqa: E402
 
@@ -43,7 +45,8 @@ def fmt(summary) -> str:
     return f"{median:.3f} [{low:.3f}-{high:.3f}]"
 
 
-def train_ratios(layers: int, rows: int, prompt: int, response: int, repeats: int, tiny: bool = False) -> dict:
+def train_ratios(layers: int, rows: int, prompt: int, response: int, repeats: int, tiny: bool = False,
+                 architecture: str = "llama") -> dict:  # fmt: skip
     """Train-step time of the CVAE (frozen, full) over a full fine-tuning step of the plain LLM.
 
     Also a plain LLM with as many more layers as the CVAE's posterior encoder has (2): the encoder runs those layers
@@ -53,15 +56,17 @@ def train_ratios(layers: int, rows: int, prompt: int, response: int, repeats: in
     pair. With all four models and their AdamW states resident at once (7 GB at 30 layers), the variants slowed
     each other unevenly: at 30 layers full / plain measured 1.23-1.25 that way and 1.04 in pairs (2026-11-26).
     """
-    shape_of = tiny_shape if tiny else smollm2_shape
+    def shape_of(num_layers: int):
+        return (tiny_shape if tiny else smollm2_shape)(num_layers, architecture=architecture)
+
     batch = make_batch(shape_of(layers).vocab_size, rows, prompt, response)
     columns = {"frozen": "frozen / plain", "full": "full / plain", "deeper": "plain + encoder layers / plain"}
-    encoder_layers = CVAELlamaConfig.from_llama_config(shape_of(layers)).num_encoder_layers
+    encoder_layers = CVAELlamaConfig.from_base_config(shape_of(layers)).num_encoder_layers
     ratios, times = {}, {}
     for variant, column in columns.items():
         if variant == "deeper":
             torch.manual_seed(0)
-            plain, other = LlamaForCausalLM(shape_of(layers)), LlamaForCausalLM(shape_of(layers + encoder_layers))
+            plain, other = causal_lm(shape_of(layers)), causal_lm(shape_of(layers + encoder_layers))
             step = plain_step
         else:
             plain, other = build_pair(shape_of(layers), variant)
@@ -80,6 +85,7 @@ def train_ratios(layers: int, rows: int, prompt: int, response: int, repeats: in
         gc.collect()
     plain_times = sorted(t for name, values in times.items() if name.startswith("plain") for t in values)
     return {
+        "architecture": architecture,
         "layers": layers,
         "tokens": f"{rows}x{prompt + response}",
         "plain step (s)": f"{plain_times[len(plain_times) // 2]:.3f}",
@@ -88,9 +94,10 @@ def train_ratios(layers: int, rows: int, prompt: int, response: int, repeats: in
     }
 
 
-def generate_ratio(layers: int, batch_size: int, prompt: int, new_tokens: int, repeats: int, tiny=False) -> dict:
+def generate_ratio(layers: int, batch_size: int, prompt: int, new_tokens: int, repeats: int, tiny=False,
+                   architecture: str = "llama") -> dict:  # fmt: skip
     """New tokens per second of `generate(latent=z)` over plain `generate` (greedy, same decoder weights)."""
-    shape = tiny_shape(layers) if tiny else smollm2_shape(layers)
+    shape = (tiny_shape if tiny else smollm2_shape)(layers, architecture=architecture)
     plain, cvae = build_pair(shape, "frozen")
     plain.eval()
     cvae.eval()
@@ -108,6 +115,7 @@ def generate_ratio(layers: int, batch_size: int, prompt: int, new_tokens: int, r
     )
     # tokens/s ratio = (n / t_cvae) / (n / t_plain) = t_plain / t_cvae
     return {
+        "architecture": architecture,
         "layers": layers,
         "batch": batch_size,
         "new tokens": new_tokens,
@@ -116,9 +124,10 @@ def generate_ratio(layers: int, batch_size: int, prompt: int, new_tokens: int, r
     }
 
 
-def regulariser_share(layers: int, rows: int, prompt: int, response: int, repeats: int, tiny=False) -> dict:
+def regulariser_share(layers: int, rows: int, prompt: int, response: int, repeats: int, tiny=False,
+                      architecture: str = "llama") -> dict:  # fmt: skip
     """Share of one (frozen-decoder) train step spent in the DG term and the G-Skip, timed in isolation."""
-    shape = tiny_shape(layers) if tiny else smollm2_shape(layers)
+    shape = (tiny_shape if tiny else smollm2_shape)(layers, architecture=architecture)
     _, cvae = build_pair(shape, "frozen")
     cvae.train()
     batch = make_batch(shape.vocab_size, rows, prompt, response)
@@ -173,8 +182,8 @@ def peak_memory(layers: int, rows: int, prompt: int, response: int, tiny=False) 
 SECTIONS = ("depth", "length", "generate", "share", "memory")
 
 
-def tiny_shape(layers: int):
-    return smollm2_shape(layers, vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+def tiny_shape(layers: int, architecture: str = "llama"):
+    return smollm2_shape(layers, architecture, vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                          num_key_value_heads=2)
 
 
@@ -186,7 +195,10 @@ def main(argv=None):
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="measurements to run (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--architecture", choices=list(BASE_CONFIG_CLASSES), default="llama",
+                        help="decoder architecture of the depth, length, generate and share sections (default: llama)")
     args = parser.parse_args(argv)
+    architecture = args.architecture
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     tiny = args.quick
@@ -198,20 +210,20 @@ def main(argv=None):
     sections = {}
     if "depth" in args.sections:
         sections["train step, depth sweep (one group of 16, 32 + 32 tokens)"] = [
-            train_ratios(depth, rows, prompt, response, repeats, tiny) for depth in depths
+            train_ratios(depth, rows, prompt, response, repeats, tiny, architecture) for depth in depths
         ]
     if "length" in args.sections:
         sections["train step, sequence-length sweep (4 layers; fewer rows at long lengths)"] = [
-            train_ratios(depths[0], r, half, half, repeats, tiny) for r, half in lengths
+            train_ratios(depths[0], r, half, half, repeats, tiny, architecture) for r, half in lengths
         ]
     if "generate" in args.sections:
         sections["generate, greedy, 64 new tokens, batch 8"] = [
-            generate_ratio(depth, 2 if tiny else 8, prompt, 4 if tiny else 64, max(repeats, 1), tiny)
+            generate_ratio(depth, 2 if tiny else 8, prompt, 4 if tiny else 64, max(repeats, 1), tiny, architecture)
             for depth in depths
         ]
     if "share" in args.sections:
         sections["DG term + G-Skip, share of one train step"] = [
-            regulariser_share(depth, rows, prompt, response, max(repeats, 1), tiny) for depth in depths
+            regulariser_share(depth, rows, prompt, response, max(repeats, 1), tiny, architecture) for depth in depths
         ]
     if "memory" in args.sections:
         sections["peak memory of a train step"] = [peak_memory(depth, rows, prompt, response, tiny) for depth in depths]

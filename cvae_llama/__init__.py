@@ -1,4 +1,4 @@
-"""cvae-llama: a Llama-family LLM as a conditional VAE, native to Hugging Face transformers.
+"""cvae-llama: a decoder-only LLM (Llama, Mistral, Qwen2 / Qwen2.5, Qwen3) as a conditional VAE, native to Hugging Face transformers.
 
 `from cvae_llama import CVAETrainer, CVAETrainingArguments, density_gap` works as `from trl import SFTTrainer,
 SFTConfig` does; the trainer and its objectives (and `datasets`, which they use) are imported on first access, so

@@ -1,9 +1,10 @@
-"""Configuration of CVAE-Llama: a Llama config plus the fields of the conditional VAE around it.
+"""Configuration of CVAE-Llama: the config of the wrapped decoder (Llama, Mistral, Qwen2 / Qwen2.5 or Qwen3) plus the
+fields of the conditional VAE around it.
 
 This file travels to a Hub repo as remote code: it imports only torch, transformers and the standard library.
 """
 
-from transformers import LlamaConfig
+from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 
 LATENT_INJECTIONS = ("memory", "embedding", "memory+embedding")
@@ -29,6 +30,11 @@ CVAE_FIELD_CHOICES = {
     "decoder_mode": DECODER_MODES,
     "posterior_pooling": POSTERIOR_POOLINGS,
 }
+# The decoder architectures a CVAE can wrap (`base_model_type`, the wrapped LLM's `model_type`), with their configs.
+BASE_CONFIG_CLASSES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+# Keys of a CVAE config that are not the base architecture's: the CVAE's own, and what a saved config records about it.
+NOT_BASE_FIELDS = (*CVAE_FIELDS, "base_model_type", "model_type", "architectures", "auto_map", "transformers_version",
+                   "base_model_name_or_path")  # fmt: skip
 # CVAE fields added after the first release, with the value that folders saved before them were built with: a saved
 # config without such a field loads as the architecture its weights have.
 CVAE_FIELDS_ADDED_LATER = {"posterior_batch_norm": False, "posterior_pooling": "queries"}
@@ -36,10 +42,15 @@ CVAE_FIELDS_ADDED_LATER = {"posterior_batch_norm": False, "posterior_pooling": "
 
 class CVAELlamaConfig(LlamaConfig):
     r"""
-    Configuration of [`CVAELlamaForCausalLM`]: every field of [`LlamaConfig`] (the decoder, i.e. the wrapped LLM)
-    plus the fields of the CVAE (defaults are those of Zhang et al., IEEE TAI 2026).
+    Configuration of [`CVAELlamaForCausalLM`]: every field of the wrapped LLM's config (the decoder: a
+    [`LlamaConfig`], [`MistralConfig`], [`Qwen2Config`] or [`Qwen3Config`], named by `base_model_type`) plus the
+    fields of the CVAE (defaults are those of Zhang et al., IEEE TAI 2026).
 
     Args:
+        base_model_type (`str`, defaults to `"llama"`):
+            The `model_type` of the decoder's architecture: one of `BASE_CONFIG_CLASSES` (`"llama"`, `"mistral"`,
+            `"qwen2"`, which Qwen2.5 shares, `"qwen3"`). The architecture's own config class checks and completes its
+            fields ([`~CVAELlamaConfig.base_config`]). Folders saved before this field existed load with `"llama"`.
         latent_size (`int`, defaults to 32):
             Dimension `d` of the latent `z`.
         num_latent_queries (`int`, defaults to 4):
@@ -87,6 +98,7 @@ class CVAELlamaConfig(LlamaConfig):
 
     model_type = "cvae_llama"
 
+    base_model_type: str = "llama"
     latent_size: int = 32
     num_latent_queries: int = 4
     num_memory_slots: int = 4
@@ -128,6 +140,29 @@ class CVAELlamaConfig(LlamaConfig):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}")
+        # the architecture's own config checks its fields and adds those it derives (e.g. Qwen's `layer_types`);
+        # its tensor- and pipeline-parallel plans are the decoder's (Qwen3's replicates its q/k norms)
+        for name, value in self.base_config().to_dict().items():
+            if name not in NOT_BASE_FIELDS and not hasattr(self, name):
+                setattr(self, name, value)
+        base_config_class = BASE_CONFIG_CLASSES[self.base_model_type]
+        self.base_model_tp_plan = base_config_class.base_model_tp_plan
+        self.base_model_pp_plan = base_config_class.base_model_pp_plan
+
+    def base_config(self):
+        """The wrapped LLM's config: its architecture's own config class (`BASE_CONFIG_CLASSES[base_model_type]`)
+        built from this config's fields but the CVAE's. Raises `ValueError` for an unknown `base_model_type` or for
+        fields that architecture refuses."""
+        if self.base_model_type not in BASE_CONFIG_CLASSES:
+            raise ValueError(
+                f"`base_model_type` must be one of {tuple(BASE_CONFIG_CLASSES)} (the decoder architectures a "
+                f"CVAE-Llama wraps), got {self.base_model_type!r}"
+            )
+        values = {name: value for name, value in self.to_dict().items() if name not in NOT_BASE_FIELDS}
+        try:
+            return BASE_CONFIG_CLASSES[self.base_model_type](**values)
+        except Exception as error:  # the architecture's own checks (huggingface_hub's strict-dataclass errors too)
+            raise ValueError(f"the {self.base_model_type!r} decoder's fields are not valid: {error}") from error
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
@@ -148,7 +183,7 @@ class CVAELlamaConfig(LlamaConfig):
                 "a CVAE around a Llama LLM with CVAELlamaForCausalLM.from_llm(path, ...)"
             )
         if model_type == cls.model_type:
-            config_dict = {**CVAE_FIELDS_ADDED_LATER, **config_dict}
+            config_dict = {**CVAE_FIELDS_ADDED_LATER, "base_model_type": "llama", **config_dict}
             missing = [name for name in CVAE_FIELDS if name not in config_dict and name not in kwargs]
             if missing:
                 raise ValueError(
@@ -175,21 +210,23 @@ class CVAELlamaConfig(LlamaConfig):
         return self.num_memory_slots if self.uses_memory else 0
 
     @classmethod
-    def from_llama_config(cls, llama_config: LlamaConfig, **cvae_fields) -> "CVAELlamaConfig":
-        """Build a CVAE config from any `LlamaConfig` (the LLM to wrap) plus CVAE fields given as keywords."""
-        if not isinstance(llama_config, LlamaConfig):
+    def from_base_config(cls, base_config, **cvae_fields) -> "CVAELlamaConfig":
+        """Build a CVAE config from the config of the LLM to wrap (an instance of one of `BASE_CONFIG_CLASSES`: a
+        `LlamaConfig`, `MistralConfig`, `Qwen2Config` or `Qwen3Config`) plus CVAE fields given as keywords."""
+        if type(base_config) not in BASE_CONFIG_CLASSES.values():
+            supported = ", ".join(f"{config.__name__} ({name!r})" for name, config in BASE_CONFIG_CLASSES.items())
             raise ValueError(
-                f"`llama_config` must be a LlamaConfig (model_type 'llama'), got {type(llama_config).__name__} "
-                f"with model_type {getattr(llama_config, 'model_type', None)!r}"
+                f"`base_config` must be the config of a supported decoder architecture, one of {supported}; got "
+                f"{type(base_config).__name__} with model_type {getattr(base_config, 'model_type', None)!r}"
             )
         unknown = sorted(set(cvae_fields) - set(CVAE_FIELDS))
         if unknown:
             raise ValueError(f"unknown CVAE field(s) {unknown}; expected a subset of {list(CVAE_FIELDS)}")
-        values = llama_config.to_dict()
-        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
-            values.pop(key, None)
-        values.update(cvae_fields)
-        return cls(**values)
+        values = {name: value for name, value in base_config.to_dict().items() if name not in NOT_BASE_FIELDS}
+        return cls(**values, base_model_type=base_config.model_type, **cvae_fields)
+
+    # the name of the first release, which wrapped Llama only
+    from_llama_config = from_base_config
 
 
 def _register_model_type() -> None:

@@ -383,7 +383,7 @@ def run_demo(
         output_dir (`str`): where everything goes; must be empty unless `overwrite`.
         quick (`bool`): the one-minute version ([`QUICK`] instead of [`FULL`]).
         overwrite (`bool`): replace an earlier demo's outputs in `output_dir` (other files are left alone).
-        model_name_or_path (`str`, *optional*): a Llama LM folder or repo id instead of SmolLM2-135M-Instruct.
+        model_name_or_path (`str`, *optional*): an LM folder or repo id (Llama, Mistral, Qwen2 / Qwen2.5 or Qwen3) instead of SmolLM2-135M-Instruct.
         seed (`int`): seed of sampling, training and evaluation.
         num_threads (`int`, *optional*): torch's CPU threads; by default [`default_num_threads`]: one per core, or 1
             on a CPU that other jobs keep busy.

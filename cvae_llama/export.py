@@ -15,13 +15,16 @@ import shutil
 from pathlib import Path
 
 from .loading import load_cvae, looks_like_hub_id
+from .modeling_cvae_llama import DECODER_ARCHITECTURES
 from .validation import refuse_to_overwrite
 
 
 # Written beside a trained model; `export_hub_folder` reads it to fill in the model card's training section.
 TRAINING_RECORD = "cvae_training.json"
 # Tags every exported card carries (the caller's `tags` are added).
-BASE_TAGS = ("cvae-llama", "cvae", "vae", "latent-variable", "llama", "text-generation", "custom_code")
+BASE_TAGS = ("cvae-llama", "cvae", "vae", "latent-variable", "text-generation", "custom_code")  # + the architecture's
+# How the card names each decoder architecture (`config.base_model_type`)
+BASE_ARCHITECTURE_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 # The folder of an exported repo that holds the evaluation's results.json, results.md and plots.
 EVALUATION_FOLDER = "evaluation"
 
@@ -202,7 +205,7 @@ def model_card(model, *, record: dict, results: dict | None, base_model: str | N
         library_name="transformers",
         pipeline_tag="text-generation",
         license=license,
-        tags=list(dict.fromkeys([*BASE_TAGS, *tags])),
+        tags=list(dict.fromkeys([*BASE_TAGS, model.config.base_model_type, *tags])),
         base_model=base_model,
         model_name=model_name,
     )
@@ -221,6 +224,9 @@ def model_card(model, *, record: dict, results: dict | None, base_model: str | N
         posterior_norm=", the posterior means batch-normalised (BN-VAE)" if config.posterior_batch_norm else "",
         num_memory_slots=config.num_memory_slots,
         decoder_mode=config.decoder_mode,
+        base_model_type=config.base_model_type,
+        base_architecture=BASE_ARCHITECTURE_NAMES[config.base_model_type],
+        base_model_class=DECODER_ARCHITECTURES[config.base_model_type].causal_lm.__name__,
         training_data=training_data or _training_data_text(record),
         objective=_objective_text(record),
         training_setup=_training_setup(record) if record else None,

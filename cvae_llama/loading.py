@@ -104,9 +104,10 @@ def build_or_load_cvae(
     name_or_path: str | os.PathLike, cvae_fields: dict[str, Any] | None = None, argument: str = "model_name_or_path",
     **kwargs,
 ):  # fmt: skip
-    """A CVAE to train: built around the Llama LM of `name_or_path` (`CVAELlamaForCausalLM.from_llm` with the CVAE
-    config fields `cvae_fields`), or the saved CVAE there, to continue training (whose config must then agree with
-    `cvae_fields`). `kwargs` go to `from_pretrained` / `from_llm`."""
+    """A CVAE to train: built around the LLM of `name_or_path` (an architecture of `BASE_CONFIG_CLASSES`:
+    `CVAELlamaForCausalLM.from_llm` with the CVAE config fields `cvae_fields`), or the saved CVAE there, to continue
+    training (whose config must then agree with `cvae_fields`). `kwargs` go to `from_pretrained` / `from_llm`."""
+    from .configuration_cvae_llama import BASE_CONFIG_CLASSES
     from .modeling_cvae_llama import CVAELlamaForCausalLM
 
     name = str(name_or_path)
@@ -120,10 +121,10 @@ def build_or_load_cvae(
                 "when a CVAE is built around an LLM"
             )
         return CVAELlamaForCausalLM.from_pretrained(name, **kwargs)
-    if config.model_type != "llama":
+    if config.model_type not in BASE_CONFIG_CLASSES:
         raise ValueError(
-            f"{argument} {name!r} holds a {config.model_type!r} model; the CVAE is built around a "
-            "Llama-architecture LM (model_type 'llama') or continues a CVAE-Llama"
+            f"{argument} {name!r} holds a {config.model_type!r} model; the CVAE is built around an LLM of model_type "
+            f"{', '.join(map(repr, BASE_CONFIG_CLASSES))} or continues a CVAE-Llama"
         )
     return CVAELlamaForCausalLM.from_llm(name, **fields, **kwargs)
 

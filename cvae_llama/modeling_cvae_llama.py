@@ -1,9 +1,11 @@
-"""CVAE-Llama: a decoder-only Llama LLM turned into a conditional VAE (Zhang et al., IEEE TAI 2026).
+"""CVAE-Llama: a decoder-only LLM (Llama, Mistral, Qwen2 / Qwen2.5, Qwen3) turned into a conditional VAE (Zhang et
+al., IEEE TAI 2026).
 
 A posterior encoder q(z | x, y) built from the LLM's first layers, a per-layer latent memory through which z
-reaches every decoder layer, and the gradient-only skip connection (G-Skip). The decoder is transformers'
-`LlamaModel`, unchanged: the memory enters through a registered attention function (`AttentionInterface`) that
-receives it as a keyword argument, so it survives gradient checkpointing and needs no copy of Llama's code.
+reaches every decoder layer, and the gradient-only skip connection (G-Skip). The decoder is transformers' own model
+class of the LLM's architecture (`LlamaModel`, `MistralModel`, `Qwen2Model`, `Qwen3Model`: `DECODER_ARCHITECTURES`),
+unchanged: the memory enters through a registered attention function (`AttentionInterface`) that receives it as a
+keyword argument, so it survives gradient checkpointing and needs no copy of the architecture's code.
 
 This file travels to a Hub repo as remote code: it imports only torch, transformers, the standard library and
 `configuration_cvae_llama.py`. It opens no file and no connection.
@@ -15,23 +17,32 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, LlamaForCausalLM, LlamaModel, PreTrainedModel
+from transformers import (
+    GenerationMixin,
+    LlamaForCausalLM,
+    LlamaModel,
+    MistralForCausalLM,
+    MistralModel,
+    PreTrainedModel,
+    Qwen2ForCausalLM,
+    Qwen2Model,
+    Qwen3ForCausalLM,
+    Qwen3Model,
+)
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-from transformers.models.llama.modeling_llama import (
-    LlamaDecoderLayer,
-    LlamaRMSNorm,
-    LlamaRotaryEmbedding,
-    eager_attention_forward,
-    rotate_half,
-)
+from transformers.models.llama import modeling_llama
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, rotate_half
+from transformers.models.mistral import modeling_mistral
+from transformers.models.qwen2 import modeling_qwen2
+from transformers.models.qwen3 import modeling_qwen3
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .configuration_cvae_llama import CVAE_FIELDS, CVAELlamaConfig
+from .configuration_cvae_llama import BASE_CONFIG_CLASSES, CVAE_FIELDS, CVAELlamaConfig
 
 
 # Log-variances are soft-bounded to (-LOGVAR_BOUND, LOGVAR_BOUND) so that exp() can neither overflow nor vanish.
@@ -41,6 +52,47 @@ SUPPORTED_ATTENTION = ("eager", "sdpa")
 LATENT_MEMORY_ATTENTION = "cvae_latent_memory|"
 # In `from_llm`, the latent-dependent part of each memory slot starts at this fraction of the slot's constant part.
 LATENT_SHARE_AT_INIT = 0.1
+
+
+@dataclass(frozen=True)
+class DecoderArchitecture:
+    """transformers' own classes of a decoder architecture that a CVAE wraps: the LLM (`causal_lm`), the decoder
+    (`model`), the layers the encoder copies (`decoder_layer`), the attention whose key / value projections (and key
+    norm, Qwen3's) the memory copies, the rotary embedding, and the eager attention the memory's wrapper calls."""
+
+    causal_lm: type
+    model: type
+    decoder_layer: type
+    attention: type
+    rotary_embedding: type
+    eager_attention: object
+
+
+def _architecture(causal_lm: type, model: type, module) -> DecoderArchitecture:
+    prefix = model.__name__.removesuffix("Model")
+    return DecoderArchitecture(
+        causal_lm, model, getattr(module, f"{prefix}DecoderLayer"), getattr(module, f"{prefix}Attention"),
+        getattr(module, f"{prefix}RotaryEmbedding"), module.eager_attention_forward,
+    )  # fmt: skip
+
+
+# By `config.base_model_type` (the wrapped LLM's `model_type`); Qwen2.5 checkpoints are "qwen2".
+DECODER_ARCHITECTURES = {
+    "llama": _architecture(LlamaForCausalLM, LlamaModel, modeling_llama),
+    "mistral": _architecture(MistralForCausalLM, MistralModel, modeling_mistral),
+    "qwen2": _architecture(Qwen2ForCausalLM, Qwen2Model, modeling_qwen2),
+    "qwen3": _architecture(Qwen3ForCausalLM, Qwen3Model, modeling_qwen3),
+}
+assert set(DECODER_ARCHITECTURES) == set(BASE_CONFIG_CLASSES), "one decoder architecture per supported config"
+
+
+def sliding_layers(config: CVAELlamaConfig) -> list[bool]:
+    """Which decoder layers attend through a sliding window: Qwen's `layer_types`, or Mistral's `sliding_window`
+    (every layer), as their models decide; Llama has none."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return [layer_type == "sliding_attention" for layer_type in layer_types]
+    return [getattr(config, "sliding_window", None) is not None] * config.num_hidden_layers
 
 
 @dataclass
@@ -91,7 +143,10 @@ def latent_memory_attention(module, query, key, value, attention_mask, latent_me
     modules call it: their config is a [`_LatentMemoryAttentionConfig`].
     """
     implementation = module.config._attn_implementation.removeprefix(LATENT_MEMORY_ATTENTION)
-    attention = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+    if implementation == "eager":  # the architecture's own
+        attention = DECODER_ARCHITECTURES[module.config.base_model_type].eager_attention
+    else:
+        attention = ALL_ATTENTION_FUNCTIONS[implementation]
     if latent_memory is not None:
         memory_key, memory_value = latent_memory[module.layer_idx]
         num_slots, key_length = memory_key.shape[2], key.shape[2]
@@ -215,7 +270,7 @@ class CVAELlamaPosteriorNorm(nn.BatchNorm1d):
 
 
 class CVAELlamaPosteriorEncoder(nn.Module):
-    """q(z | x, y): copies of the LLM's embedding and first layers, then a read-out (`config.posterior_pooling`):
+    """q(z | x, y): copies of the LLM's embedding and first layers (its architecture's own layer class), then a read-out (`config.posterior_pooling`):
     the mean of the last layer's token states (`"mean"`), or learned queries appended at the end (`"queries"`, the
     paper's), RMS-normed, through an MLP to the mean and log-variance.
 
@@ -228,10 +283,12 @@ class CVAELlamaPosteriorEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        architecture = DECODER_ARCHITECTURES[config.base_model_type]
         self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_encoder_layers)]
+            [architecture.decoder_layer(config, layer_idx) for layer_idx in range(config.num_encoder_layers)]
         )
-        self.rotary_emb = LlamaRotaryEmbedding(config)
+        self.sliding = sliding_layers(config)[: config.num_encoder_layers]
+        self.rotary_emb = architecture.rotary_embedding(config)
         self.num_read_outs = config.num_latent_queries if config.posterior_pooling == "queries" else 1
         if config.posterior_pooling == "queries":
             self.latent_queries = nn.Parameter(torch.zeros(config.num_latent_queries, config.hidden_size))
@@ -256,18 +313,18 @@ class CVAELlamaPosteriorEncoder(nn.Module):
             hidden_states = torch.cat([hidden_states, queries], dim=1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, num_read_outs)], dim=1)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding does not shift positions
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden_states,
-            attention_mask=attention_mask,
-            cache=None,
+        mask_kwargs = dict(
+            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask, cache=None,
             position_ids=position_ids,
-        )
+        )  # fmt: skip
+        masks = {False: create_causal_mask(**mask_kwargs)}  # the layers' masks, as their architecture makes them
+        if any(self.sliding):
+            masks[True] = create_sliding_window_causal_mask(**mask_kwargs)
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        for layer in self.layers:
+        for layer, sliding in zip(self.layers, self.sliding, strict=True):
             hidden_states = layer(
                 hidden_states,
-                attention_mask=causal_mask,
+                attention_mask=masks[sliding],
                 position_ids=position_ids,
                 position_embeddings=position_embeddings,
             )
@@ -301,14 +358,15 @@ def rotate_slot_keys(keys: torch.Tensor, position_embeddings: tuple[torch.Tensor
 class CVAELlamaLatentMemoryLayer(nn.Module):
     """z -> `num_memory_slots` pseudo token states -> keys and values for one decoder layer.
 
-    d -> sqrt(hidden) -> GELU -> slots * hidden, RMS-normed, then a copy of the layer's key and value projections.
+    d -> sqrt(hidden) -> GELU -> slots * hidden, RMS-normed, then a copy of the layer's key and value projections
+    (and of its key norm where the architecture has one, Qwen3's): the architecture's own modules, so that the slots'
+    keys are computed as the layer computes its tokens' keys.
     """
 
-    def __init__(self, config: CVAELlamaConfig):
+    def __init__(self, config: CVAELlamaConfig, layer_idx: int = 0):
         super().__init__()
         self.num_memory_slots = config.num_memory_slots
         self.hidden_size = config.hidden_size
-        self.head_dim = config.head_dim
         bottleneck = int(math.sqrt(config.hidden_size))
         self.to_states = nn.Sequential(
             nn.Linear(config.latent_size, bottleneck),
@@ -316,16 +374,24 @@ class CVAELlamaLatentMemoryLayer(nn.Module):
             nn.Linear(bottleneck, config.num_memory_slots * config.hidden_size),
         )
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        kv_size = config.num_key_value_heads * config.head_dim
-        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        # the layer's attention built by its architecture, of which the memory keeps the key / value parts
+        attention = DECODER_ARCHITECTURES[config.base_model_type].attention(config, layer_idx)
+        self.head_dim = attention.head_dim
+        self.k_proj, self.v_proj = attention.k_proj, attention.v_proj
+        self.k_norm = getattr(attention, "k_norm", None)
+
+    def keys_and_values(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(batch, slots, hidden)` states -> keys and values `(batch, kv_heads, slots, head_dim)`, before RoPE."""
+        shape = (*states.shape[:2], -1, self.head_dim)
+        key = self.k_proj(states).view(shape)
+        if self.k_norm is not None:  # Qwen3: RMS norm over each head's key, before RoPE
+            key = self.k_norm(key)
+        return key.transpose(1, 2), self.v_proj(states).view(shape).transpose(1, 2)
 
     def forward(self, latent: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
         batch_size = latent.shape[0]
         states = self.norm(self.to_states(latent).view(batch_size, self.num_memory_slots, self.hidden_size))
-        shape = (batch_size, self.num_memory_slots, -1, self.head_dim)
-        key = self.k_proj(states).view(shape).transpose(1, 2)  # (batch, kv_heads, slots, head_dim)
-        value = self.v_proj(states).view(shape).transpose(1, 2)
+        key, value = self.keys_and_values(states)
         return rotate_slot_keys(key, position_embeddings), value
 
 
@@ -334,9 +400,11 @@ class CVAELlamaLatentMemory(nn.Module):
 
     def __init__(self, config: CVAELlamaConfig):
         super().__init__()
-        self.layers = nn.ModuleList([CVAELlamaLatentMemoryLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList(
+            [CVAELlamaLatentMemoryLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
 
-    def forward(self, latent: torch.Tensor, rotary_emb: LlamaRotaryEmbedding) -> tuple:
+    def forward(self, latent: torch.Tensor, rotary_emb: nn.Module) -> tuple:
         num_slots = self.layers[0].num_memory_slots
         position_ids = torch.arange(num_slots, device=latent.device)[None]
         position_embeddings = rotary_emb(latent, position_ids=position_ids)
@@ -380,11 +448,8 @@ class CVAELlamaLatentMemory(nn.Module):
         variance = states.float().pow(2).mean(-1, keepdim=True)
         normed = (states.float() * torch.rsqrt(variance + first.norm.variance_epsilon)).to(states.dtype)
         states = torch.stack([layer.norm.weight for layer in self.layers])[:, None, None] * normed
-        shape = (batch_size, num_slots, -1, first.head_dim)
-        keys = torch.stack([layer.k_proj(part) for layer, part in zip(self.layers, states.unbind(0))])
-        keys = keys.view(num_layers, *shape).transpose(2, 3)  # (layers, batch, kv_heads, slots, head_dim)
-        keys = rotate_slot_keys(keys, position_embeddings)
-        values = (layer.v_proj(part).view(shape).transpose(1, 2) for layer, part in zip(self.layers, states.unbind(0)))
+        keys, values = zip(*(layer.keys_and_values(part) for layer, part in zip(self.layers, states.unbind(0))))
+        keys = rotate_slot_keys(torch.stack(keys), position_embeddings)  # (layers, batch, kv_heads, slots, head_dim)
         return tuple(zip(keys.unbind(0), values))
 
 
@@ -413,7 +478,7 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
     config: CVAELlamaConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LlamaDecoderLayer"]
+    _no_split_modules = [architecture.decoder_layer.__name__ for architecture in DECODER_ARCHITECTURES.values()]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -448,7 +513,8 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
 
 class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
     r"""
-    A Llama causal LM (`self.model`, `self.lm_head`, with the checkpoint names of `LlamaForCausalLM`) conditioned
+    A causal LM (`self.model`, `self.lm_head`, with the checkpoint names of the wrapped architecture's
+    `...ForCausalLM`: `DECODER_ARCHITECTURES[config.base_model_type]`) conditioned
     on a latent `z` of size `config.latent_size`, with a posterior encoder (`self.encoder`), a per-layer latent
     memory (`self.latent_memory`), an optional embedding injection (`self.latent_to_embedding`) and the skip
     connection (`self.latent_skip`, G-Skip by default).
@@ -478,7 +544,7 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: CVAELlamaConfig):
         super().__init__(config)
-        self.model = LlamaModel(config)
+        self.model = DECODER_ARCHITECTURES[config.base_model_type].model(config)
         for layer in self.model.layers:  # the decoder's attention finds the latent-memory wrapper of its function
             layer.self_attn.config = _LatentMemoryAttentionConfig(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -501,6 +567,8 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
         super().init_parallel_plans()  # (called by post_init)
         if self._tp_plan and getattr(self, "latent_memory", None) is not None:
             self._tp_plan.update(self._latent_memory_tp_plan)
+            if self.latent_memory.layers[0].k_norm is not None:  # as the decoder's own key norms (Qwen3)
+                self._tp_plan["latent_memory.layers.*.k_norm"] = "replicated_with_grad_allreduce"
 
     # ---------------------------------------------------------------------------------------------- parameters
     def get_input_embeddings(self):
@@ -543,8 +611,8 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
     def frozen_parameter_names(self) -> set[str]:
         """Names of the parameters that `config.decoder_mode` freezes.
 
-        Every mode freezes the encoder's embedding copy and the memory's key / value projections: they are copies
-        of the LLM's embedding and attention projections, as in the paper, and training them would cost 16 bytes a
+        Every mode freezes the encoder's embedding copy and the memory's key / value projections (and key norms):
+        they are copies of the LLM's embedding and attention projections, as in the authors' stage 2, and training them would cost 16 bytes a
         parameter with AdamW (at SmolLM2's shape the embedding copy alone is a fifth of the LLM). `"frozen"` and
         `"lora"` also freeze the LLM (decoder and head); `"full"` trains it.
         """
@@ -553,7 +621,7 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             frozen |= {
                 name
                 for name, _ in self.latent_memory.named_parameters(prefix="latent_memory")
-                if name.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"))
+                if name.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias", "k_norm.weight"))
             }
         if self.config.decoder_mode != "full":
             frozen |= {name for name, _ in self.parameter_groups()["decoder"]}
@@ -773,7 +841,12 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
         # Decoding keeps the slots in front of the KV cache (written by the first call), so a step copies nothing
         # more than the LLM's; without a (dynamic) cache, e.g. in training under gradient checkpointing, the
         # attention function receives them as a keyword argument instead.
-        memory_in_cache = num_slots > 0 and cache is not None and not cache.is_compileable and not checkpointing
+        # (Not with a sliding window, whose cache would evict the slots and whose mask would hide them from tokens
+        # beyond the window: the attention function then gets them at every step, visible to every token.)
+        memory_in_cache = (
+            num_slots > 0 and cache is not None and not cache.is_compileable and not checkpointing
+            and not any(sliding_layers(self.config))
+        )  # fmt: skip
         past_length = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:  # real tokens count from 0; the slots take the positions in front of them
             if attention_mask is not None and attention_mask.ndim == 2:
@@ -1001,7 +1074,9 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
     # ---------------------------------------------------------------------------------------------- from an LLM
     @classmethod
     def from_llm(cls, model_or_path, **kwargs) -> "CVAELlamaForCausalLM":
-        """Build a CVAE around a pretrained `LlamaForCausalLM`: a model object, a local folder or a Hub repo id.
+        """Build a CVAE around a pretrained LLM of a supported architecture (`LlamaForCausalLM`,
+        `MistralForCausalLM`, `Qwen2ForCausalLM` for Qwen2 and Qwen2.5, `Qwen3ForCausalLM`): a model object, a local
+        folder or a Hub repo id.
 
         CVAE fields (`latent_size`, `decoder_mode`, ...) are taken from `kwargs`; the other keywords go to
         `from_pretrained` when a path is given. The decoder, the encoder's embedding and layers, and the memory's
@@ -1016,14 +1091,16 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             llm = AutoModelForCausalLM.from_pretrained(model_or_path, **kwargs)
         else:
             raise ValueError(
-                f"model_or_path must be a LlamaForCausalLM, a folder or a repo id, got {type(model_or_path).__name__}"
+                f"model_or_path must be a causal LM, a folder or a repo id, got {type(model_or_path).__name__}"
             )
-        if not isinstance(llm, LlamaForCausalLM):
+        architecture = DECODER_ARCHITECTURES.get(getattr(llm.config, "model_type", None))
+        if architecture is None or not isinstance(llm, architecture.causal_lm):
+            supported = ", ".join(f"{arch.causal_lm.__name__} ({name!r})" for name, arch in DECODER_ARCHITECTURES.items())
             raise ValueError(
-                f"from_llm needs a Llama-architecture causal LM (LlamaForCausalLM), got {type(llm).__name__} "
-                f"(model_type {getattr(llm.config, 'model_type', None)!r})"
+                f"from_llm supports the causal LMs {supported}; got {type(llm).__name__} (model_type "
+                f"{getattr(llm.config, 'model_type', None)!r})"
             )
-        config = CVAELlamaConfig.from_llama_config(llm.config, **cvae_fields)
+        config = CVAELlamaConfig.from_base_config(llm.config, **cvae_fields)
         config._attn_implementation = llm.config._attn_implementation
         # built where the LLM lives, in its dtype: an 8B CVAE built on CPU in float32 first takes minutes and 37 GB
         with torch.device(llm.device):
@@ -1061,6 +1138,8 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
                 for memory, layer, state in zip(model.latent_memory.layers, llm.model.layers, bos_states):
                     memory.k_proj.load_state_dict(layer.self_attn.k_proj.state_dict())
                     memory.v_proj.load_state_dict(layer.self_attn.v_proj.state_dict())
+                    if memory.k_norm is not None:
+                        memory.k_norm.load_state_dict(layer.self_attn.k_norm.state_dict())
                     memory.norm.weight.copy_(layer.input_layernorm.weight)
                     last = memory.to_states[-1]
                     bos_state = state[0, 0] / state[0, 0].pow(2).mean().sqrt().clamp(min=1e-12)  # RMS 1

@@ -14,31 +14,49 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+# The tiny decoder of the unit tests (hidden 32, 2 layers, 4 heads, 2 key / value heads, 99 tokens).
+TINY_DECODER = dict(
+    vocab_size=99,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+# Each decoder architecture's own features, switched on in its tiny config: sliding windows short enough to act on
+# short inputs (every layer for Mistral, the layers from `max_window_layers` on for Qwen2), Qwen2's q/k/v biases (always
+# on), Qwen3's per-head q/k norms (always on) with a head size that is not hidden / heads.
+ARCHITECTURE_OVERRIDES = {
+    "llama": {},
+    "mistral": {"sliding_window": 4},
+    "qwen2": {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    "qwen3": {"head_dim": 16},
+}
+ARCHITECTURES = tuple(ARCHITECTURE_OVERRIDES)
+
+
+def tiny_base_config(base_model_type: str = "llama", **overrides):
+    """The tiny decoder in the architecture `base_model_type` (its config class), its own features switched on."""
+    from cvae_llama.configuration_cvae_llama import BASE_CONFIG_CLASSES
+
+    values = {**TINY_DECODER, **ARCHITECTURE_OVERRIDES[base_model_type], **overrides}
+    return BASE_CONFIG_CLASSES[base_model_type](**values)
+
+
 def tiny_llama_config(**overrides):
-    from transformers import LlamaConfig
-
-    values = dict(
-        vocab_size=99,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    values.update(overrides)
-    return LlamaConfig(**values)
+    return tiny_base_config("llama", **overrides)
 
 
-def tiny_cvae_config(llama_overrides=None, **cvae_fields):
+def tiny_cvae_config(llama_overrides=None, base_model_type: str = "llama", **cvae_fields):
     from cvae_llama import CVAELlamaConfig
 
     cvae_fields.setdefault("latent_size", 8)
     cvae_fields.setdefault("gskip_samples", 4)
-    return CVAELlamaConfig.from_llama_config(tiny_llama_config(**(llama_overrides or {})), **cvae_fields)
+    return CVAELlamaConfig.from_base_config(tiny_base_config(base_model_type, **(llama_overrides or {})), **cvae_fields)
 
 
 @pytest.fixture

@@ -54,3 +54,10 @@ def test_peak_memory_refuses_an_unknown_variant(variant):
 def test_gpu_check_runs_tiny_on_cpu():
     output = run(BENCHMARKS / "gpu_check.py", "--quick", "--layers", "2")
     assert "cached vs uncached generation" in output and "decoder frozen / plain" in output
+
+
+def test_cpu_ratios_measures_another_architecture():
+    output = run(BENCHMARKS / "cpu_ratios.py", "--quick", "--sections", "depth", "generate", "--architecture", "qwen3",
+                 "--threads", "1")  # fmt: skip
+    assert "frozen / plain" in output and "cvae / plain tokens/s" in output
+    assert output.count("| qwen3 |") == 2  # one row of each table, in the Qwen3 architecture

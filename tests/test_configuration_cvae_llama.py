@@ -2,7 +2,7 @@
 
 import pytest
 from conftest import tiny_cvae_config, tiny_llama_config
-from transformers import AutoConfig, GPT2Config, MistralConfig
+from transformers import AutoConfig, GemmaConfig, GPT2Config
 
 import cvae_llama  # noqa: F401  (registers the Auto classes)
 from cvae_llama.configuration_cvae_llama import CVAE_FIELDS, CVAELlamaConfig
@@ -126,12 +126,14 @@ def test_validation_on_load(tmp_path):
 
 @pytest.mark.parametrize(
     "config",
-    [GPT2Config(n_embd=32, n_layer=2, n_head=4), MistralConfig(hidden_size=32, num_hidden_layers=2)],
-    ids=["gpt2", "mistral"],
+    [GPT2Config(n_embd=32, n_layer=2, n_head=4), GemmaConfig(hidden_size=32, num_hidden_layers=2)],
+    ids=["gpt2", "gemma"],
 )
 def test_from_llama_config_rejects_other_architectures(config):
-    with pytest.raises(ValueError, match=rf"`llama_config` must be a LlamaConfig.*{type(config).__name__}.*"
-                                         rf"'{config.model_type}'"):
+    # Llama, Mistral, Qwen2 and Qwen3 are supported (tests/test_architectures.py)
+    with pytest.raises(ValueError, match=rf"`base_config` must be the config of a supported decoder architecture, one "
+                                         rf"of LlamaConfig .*Qwen3Config \('qwen3'\); got {type(config).__name__} "
+                                         rf"with model_type '{config.model_type}'"):  # fmt: skip
         CVAELlamaConfig.from_llama_config(config)
 
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from conftest import tiny_cvae_config, tiny_llama_config
 from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
     GenerationConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
 )
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
@@ -790,21 +790,22 @@ def test_bad_encoder_inputs():
     "llm",
     [
         lambda: GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4)),
-        lambda: MistralForCausalLM(MistralConfig(vocab_size=99, hidden_size=32, intermediate_size=64,
-                                                 num_hidden_layers=2, num_attention_heads=4,
-                                                 num_key_value_heads=2)),
+        lambda: GemmaForCausalLM(GemmaConfig(vocab_size=99, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=8)),
     ],
-    ids=["gpt2", "mistral"],
+    ids=["gpt2", "gemma"],
 )
-def test_from_llm_rejects_non_llama_models(llm):
+def test_from_llm_rejects_unsupported_models(llm):
+    # Llama, Mistral, Qwen2 and Qwen3 are supported (tests/test_architectures.py)
     model = llm()
-    with pytest.raises(ValueError, match=rf"LlamaForCausalLM.*got {type(model).__name__} "
-                                         rf"\(model_type '{model.config.model_type}'\)"):
+    with pytest.raises(ValueError, match=rf"supports the causal LMs LlamaForCausalLM .*Qwen3ForCausalLM \('qwen3'\); "
+                                         rf"got {type(model).__name__} \(model_type '{model.config.model_type}'\)"):
         CVAELlamaForCausalLM.from_llm(model)
 
 
 def test_from_llm_rejects_other_objects():
-    with pytest.raises(ValueError, match=r"model_or_path must be a LlamaForCausalLM, a folder or a repo id, got int"):
+    with pytest.raises(ValueError, match=r"model_or_path must be a causal LM, a folder or a repo id, got int"):
         CVAELlamaForCausalLM.from_llm(3)
 
 

@@ -40,6 +40,7 @@ from unittest.mock import patch
 import pytest
 import torch
 import transformers_suite
+from conftest import ARCHITECTURE_OVERRIDES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 from transformers.testing_utils import torch_device
 
@@ -57,8 +58,9 @@ class CVAELlamaModelTester:
 
     causal_lm_class = CVAELlamaForCausalLM  # the class TrainingTesterMixin trains
 
-    def __init__(self, parent, batch_size=2, seq_length=7, is_training=True):
+    def __init__(self, parent, batch_size=2, seq_length=7, is_training=True, base_model_type="llama"):
         self.parent = parent
+        self.base_model_type = base_model_type
         self.batch_size = batch_size
         self.seq_length = seq_length
         self.is_training = is_training
@@ -73,6 +75,8 @@ class CVAELlamaModelTester:
 
     def get_config(self) -> CVAELlamaConfig:
         return CVAELlamaConfig(
+            base_model_type=self.base_model_type,
+            **ARCHITECTURE_OVERRIDES[self.base_model_type],  # its sliding windows, head size
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
             intermediate_size=37,
@@ -190,6 +194,7 @@ class CVAELlamaModelTest(
     unittest.TestCase,
 ):
     all_model_classes = (CVAELlamaForCausalLM,)
+    base_model_type = "llama"  # the decoder architecture (the subclasses below: the others)
     # transformers dates a model by the copyright line of its config file and skips this check before 2023; this
     # package's files have no such line, and its `_init_weights` must cover every weight
     test_can_init_all_missing_weights_before_2023 = True
@@ -203,10 +208,10 @@ class CVAELlamaModelTest(
             cls.addClassCleanup(patcher.stop)
 
     def setUp(self):
-        self.model_tester = CVAELlamaModelTester(self)
+        self.model_tester = CVAELlamaModelTester(self, base_model_type=self.base_model_type)
         self.config_tester = ConfigTester(
             self, config_class=CVAELlamaConfig, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
-            latent_size=16,
+            latent_size=16, base_model_type=self.base_model_type,
         )  # fmt: skip
 
     @tensor_parallel.is_tensor_parallel_test
@@ -272,6 +277,33 @@ class CVAELlamaModelTest(
                     self.assertFalse(torch.allclose(short, original[0], atol=1e-5))
                 self.assertFalse(torch.allclose(long, original[1], atol=1e-5))
 
+    def test_sliding_window_mask(self):
+        """transformers' `test_sliding_window_mask` (Qwen's configs: `use_sliding_window`; Mistral's has none, and
+        transformers skips it too), with the memory slots as the first columns of each attention map: with the
+        window on, a sliding layer's real tokens attend to no real token beyond the window, a full layer's do; with
+        it off, no layer masks them; and every token attends to every memory slot."""
+        config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
+        if not hasattr(config, "use_sliding_window"):
+            self.skipTest(reason="Model does not support sliding window mask")
+        seq_len, window, slots = self.model_tester.seq_length, 3, config.num_memory_slots
+        positions = torch.arange(seq_len)
+        beyond_window = (positions[None] > positions[:, None]) | (positions[:, None] - positions[None] >= window)
+        beyond_window = beyond_window.to(torch_device)  # (query, key): masked by a sliding layer
+        inputs["attention_mask"] = torch.ones(self.model_tester.batch_size, seq_len, dtype=torch.long).to(torch_device)
+        for use_sliding_window in (True, False):
+            values = {**config.to_diff_dict(), "sliding_window": window, "use_sliding_window": use_sliding_window}
+            values.pop("layer_types", None)  # derived again from use_sliding_window, as in transformers' test
+            values.pop("rope_parameters", None)
+            model = CVAELlamaForCausalLM._from_config(CVAELlamaConfig(**values), attn_implementation="eager")
+            model.to(torch_device).eval()
+            with torch.no_grad():
+                attentions = model(**inputs, output_attentions=True).attentions
+            for attention, layer_type in zip(attentions, model.config.layer_types, strict=True):
+                with self.subTest(use_sliding_window=use_sliding_window, layer_type=layer_type):
+                    self.assertTrue((attention[..., :slots] > 0).all())
+                    masked = (attention[..., slots:][:, :, beyond_window] == 0).all().item()
+                    self.assertEqual(masked, use_sliding_window and layer_type == "sliding_attention")
+
     def test_torch_export(self):
         """`torch.export` of `forward` (transformers' export tests are not in its source distribution): the exported
         program gives the model's logits, for the default latent and for latents it was not traced with."""
@@ -286,3 +318,16 @@ class CVAELlamaModelTest(
                         expected = model(**inputs, **run, use_cache=False).logits
                     actual = exported.module()(**inputs, **run, use_cache=False).logits
                     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+# The same tests around each other decoder architecture, with its own features switched on (`ARCHITECTURE_OVERRIDES`)
+class CVAEMistralModelTest(CVAELlamaModelTest):
+    base_model_type = "mistral"
+
+
+class CVAEQwen2ModelTest(CVAELlamaModelTest):
+    base_model_type = "qwen2"
+
+
+class CVAEQwen3ModelTest(CVAELlamaModelTest):
+    base_model_type = "qwen3"

@@ -6,6 +6,7 @@ saved folder loading without `trust_remote_code` is checked in `test_remote_code
 process without this package.)
 """
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -116,8 +117,10 @@ def test_attn_implementation_is_the_plain_name_and_switches(tmp_path):
     )
     input_ids = token_ids()
     latents = torch.randn(2, 2, 8, generator=torch.Generator().manual_seed(4))
-    eager = mock.Mock(wraps=modeling_cvae_llama.eager_attention_forward)
-    with mock.patch.object(modeling_cvae_llama, "eager_attention_forward", eager):
+    llama = modeling_cvae_llama.DECODER_ARCHITECTURES["llama"]  # the eager attention the memory's wrapper calls
+    eager = mock.Mock(wraps=llama.eager_attention)
+    replaced = {"llama": dataclasses.replace(llama, eager_attention=eager)}
+    with mock.patch.dict(modeling_cvae_llama.DECODER_ARCHITECTURES, replaced):
         sdpa_logits = [model(input_ids, latent=latent).logits for latent in latents]
         assert eager.call_count == 0
         model.set_attn_implementation("eager")

@@ -170,8 +170,8 @@ def _overview() -> str:
     lines = [
         f"usage: {PROG} COMMAND [flags]   ({PROG} COMMAND --help for the flags of a step)",
         "",
-        "Turn a Llama-family LLM into a conditional VAE (Zhang et al., IEEE TAI 2026): a latent z makes its outputs",
-        "diverse and controllable. The paper's pipeline, one command per step:",
+        "Turn a decoder-only LLM (Llama, Mistral, Qwen2 / Qwen2.5, Qwen3) into a conditional VAE (Zhang et al., IEEE",
+        "TAI 2026): a latent z makes its outputs diverse and controllable. The paper's pipeline, one command per step:",
         "",
     ]
     lines += [f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items()]

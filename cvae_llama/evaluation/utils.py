@@ -5,11 +5,9 @@ from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from ..configuration_cvae_llama import CVAE_FIELDS
 from ..data.collator import prompt_inputs
-from ..modeling_cvae_llama import CVAELlamaForCausalLM
+from ..modeling_cvae_llama import DECODER_ARCHITECTURES, CVAELlamaForCausalLM
 from ..validation import check_non_negative_float, check_positive_int, check_texts, pad_token_id
 
 
@@ -29,20 +27,18 @@ def check_cvae(model) -> CVAELlamaForCausalLM:
     return model
 
 
-def decoder_as_causal_lm(model: CVAELlamaForCausalLM) -> LlamaForCausalLM:
-    """The CVAE's decoder as a plain `LlamaForCausalLM` (the same modules, shared, not copied), without the latent.
+def decoder_as_causal_lm(model: CVAELlamaForCausalLM):
+    """The CVAE's decoder as a plain causal LM of its architecture (`LlamaForCausalLM`, `Qwen3ForCausalLM`, ...:
+    the same modules, shared, not copied), without the latent.
 
     With `decoder_mode="frozen"` (the paper) this is exactly the LLM the CVAE was built from: its samples are the
     base LM's samples. Positions start at 0, as in the LLM, and no memory slot is attended to.
     """
     check_cvae(model)
-    values = model.config.to_dict()
-    for key in (*CVAE_FIELDS, "model_type", "architectures", "auto_map", "base_model_name_or_path"):
-        values.pop(key, None)
-    config = LlamaConfig(**values)
+    config = model.config.base_config()
     config._attn_implementation = model.config._attn_implementation
     with torch.device("meta"):  # no weights allocated: the modules come from the CVAE
-        llm = LlamaForCausalLM(config)
+        llm = DECODER_ARCHITECTURES[model.config.base_model_type].causal_lm(config)
     llm.model, llm.lm_head = model.model, model.lm_head
     llm.generation_config = model.generation_config.__class__.from_dict(model.generation_config.to_dict())
     return llm.train(model.training)
