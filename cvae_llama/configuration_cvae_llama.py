@@ -213,7 +213,8 @@ class CVAELlamaConfig(LlamaConfig):
     def from_base_config(cls, base_config, **cvae_fields) -> "CVAELlamaConfig":
         """Build a CVAE config from the config of the LLM to wrap (an instance of one of `BASE_CONFIG_CLASSES`: a
         `LlamaConfig`, `MistralConfig`, `Qwen2Config` or `Qwen3Config`) plus CVAE fields given as keywords."""
-        if type(base_config) not in BASE_CONFIG_CLASSES.values():
+        config_class = BASE_CONFIG_CLASSES.get(getattr(base_config, "model_type", None))
+        if config_class is None or not isinstance(base_config, config_class):  # subclasses too, as from_llm's check
             supported = ", ".join(f"{config.__name__} ({name!r})" for name, config in BASE_CONFIG_CLASSES.items())
             raise ValueError(
                 f"`base_config` must be the config of a supported decoder architecture, one of {supported}; got "

@@ -265,6 +265,16 @@ def test_an_unsupported_llm_gets_an_error_that_lists_the_supported_ones(tmp_path
         CVAELlamaConfig.from_base_config(gpt2.config)
 
 
+def test_a_subclass_of_a_supported_config_builds_as_its_architecture():
+    from transformers import Qwen3Config
+
+    class MyQwen3Config(Qwen3Config):  # e.g. a user's config with an extra field of its own
+        pass
+
+    config = CVAELlamaConfig.from_base_config(MyQwen3Config(**tiny_base_config("qwen3").to_dict()), latent_size=8)
+    assert config.base_model_type == "qwen3" and config.head_dim == 16
+
+
 def test_config_validation_knows_each_architectures_fields():
     with pytest.raises(ValueError, match="`base_model_type` must be one of .*got 'gemma'"):
         CVAELlamaConfig(base_model_type="gemma")
