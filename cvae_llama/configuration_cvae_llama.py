@@ -11,6 +11,7 @@ LATENT_INJECTIONS = ("memory", "embedding", "memory+embedding")
 SKIP_CONNECTIONS = ("gskip", "skip", "none")
 DECODER_MODES = ("frozen", "full", "lora")
 POSTERIOR_POOLINGS = ("mean", "queries")
+POSTERIOR_NORM_STATISTICS = ("running_mean", "running", "batch")
 CVAE_FIELDS = (
     "latent_size",
     "num_latent_queries",
@@ -21,6 +22,7 @@ CVAE_FIELDS = (
     "gskip_samples",
     "decoder_mode",
     "posterior_batch_norm",
+    "posterior_norm_statistics",
     "posterior_pooling",
 )
 # The allowed values of the CVAE fields that take a name (checked by `validate_cvae`; the command line's choices).
@@ -29,6 +31,7 @@ CVAE_FIELD_CHOICES = {
     "skip_connection": SKIP_CONNECTIONS,
     "decoder_mode": DECODER_MODES,
     "posterior_pooling": POSTERIOR_POOLINGS,
+    "posterior_norm_statistics": POSTERIOR_NORM_STATISTICS,
 }
 # The decoder architectures a CVAE can wrap (`base_model_type`, the wrapped LLM's `model_type`), with their configs.
 BASE_CONFIG_CLASSES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
@@ -37,7 +40,11 @@ NOT_BASE_FIELDS = (*CVAE_FIELDS, "base_model_type", "model_type", "architectures
                    "base_model_name_or_path")  # fmt: skip
 # CVAE fields added after the first release, with the value that folders saved before them were built with: a saved
 # config without such a field loads as the architecture its weights have.
-CVAE_FIELDS_ADDED_LATER = {"posterior_batch_norm": False, "posterior_pooling": "queries"}
+CVAE_FIELDS_ADDED_LATER = {
+    "posterior_batch_norm": False,
+    "posterior_pooling": "queries",
+    "posterior_norm_statistics": "batch",
+}
 
 
 class CVAELlamaConfig(LlamaConfig):
@@ -78,6 +85,17 @@ class CVAELlamaConfig(LlamaConfig):
             in evaluation running statistics stand in. The encoder's features barely differ between texts at
             first, and without it the means stay almost equal, so the decoder learns to ignore z; with it they
             spread from the first step. Folders saved before this field existed load with `False`.
+        posterior_norm_statistics (`str`, defaults to `"running_mean"`):
+            What the batch norm standardises the means with in training; evaluation always uses its running
+            statistics, which training updates with each batch first. A training batch is often one prompt's group.
+            - `"running_mean"`: centred on the running mean, scaled by the batch's own spread. Every group spreads
+              with unit variance, and its offset from the running mean reaches the objective as it does in
+              evaluation.
+            - `"running"`: the running mean and variance of every mean seen, so that training normalises exactly as
+              evaluation does (batch renormalisation, Ioffe, 2017). The spread between groups then counts too.
+            - `"batch"`: the batch's own statistics, as plain batch norm. Each group is centred on itself in
+              training, and evaluation divides a held-out group's offset by a within-group spread.
+            Folders saved before this field existed load with `"batch"`.
         posterior_pooling (`str`, defaults to `"mean"`):
             What the posterior's read-out reads: `"mean"`, the mean of the encoder's last token states (all real
             tokens but the first, which holds an LLM's massive activations), or `"queries"`, the states of
@@ -108,6 +126,7 @@ class CVAELlamaConfig(LlamaConfig):
     gskip_samples: int = 32
     decoder_mode: str = "frozen"
     posterior_batch_norm: bool = True
+    posterior_norm_statistics: str = "running_mean"
     posterior_pooling: str = "mean"
 
     def __post_init__(self, **kwargs):

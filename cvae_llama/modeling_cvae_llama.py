@@ -257,16 +257,62 @@ class ZeroInitLinear(nn.Linear):
 
 
 class CVAELlamaPosteriorNorm(nn.BatchNorm1d):
-    """Batch normalisation of the posterior means, `(batch, latent_size)` (BN-VAE, Zhu et al., 2020): batch
-    statistics in training, running statistics in evaluation and for a training batch of one row (which has no
-    variance to normalise by)."""
+    """Batch normalisation of the posterior means, `(batch, latent_size)` (BN-VAE, Zhu et al., 2020). Evaluation, and
+    a training batch of one row (which has no variance to normalise by), use the running statistics. `statistics`
+    says what training normalises with (a training batch is often one prompt's group):
+
+    - `"running_mean"`: centred on the running mean, scaled by the batch's own spread, mu_hat = (mu - mu_run) /
+      sigma_B. Every batch (group) spreads with unit variance, and its offset from the running mean reaches the
+      objective (and the gradient) as it does in evaluation, where the running mean of the batches' variances
+      stands in for sigma_B.
+    - `"running"`: the running statistics of every mean seen (the mixture of the batches, between-batch spread
+      included), as evaluation does, with batch norm's gradient (batch renormalisation, Ioffe, 2017):
+
+          mu_hat = (mu - mu_B) / sigma_B * r + d,   r = sg(sigma_B / sigma),   d = sg((mu_B - mu_run) / sigma)
+
+      which equals (mu - mu_run) / sigma in value (`sg`: no gradient).
+    - `"batch"`: plain batch norm, the batch's own mean and variance. With one group per batch, the running
+      statistics are then within-group ones, and evaluation divides a held-out group's offset by them.
+
+    With `"running_mean"` and `"running"` the running statistics are updated with the batch before it is normalised
+    (its weight 1 / batches seen, `momentum` at least), so the first batch uses its own statistics.
+    """
+
+    def __init__(self, num_features: int, statistics: str = "running_mean"):
+        super().__init__(num_features)
+        self.statistics = statistics
 
     def forward(self, latent_mean: torch.Tensor) -> torch.Tensor:
         if self.training and latent_mean.shape[0] == 1:
             return nn.functional.batch_norm(
                 latent_mean, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
-        return super().forward(latent_mean)
+        if not self.training or self.statistics == "batch":
+            return super().forward(latent_mean)
+        means = latent_mean.float()
+        batch_mean, batch_var = means.mean(0), means.var(0, unbiased=False)
+        with torch.no_grad():  # the running statistics, the batch's weight 1 / (batches seen) or `momentum` at least
+            weight = (1.0 / (self.num_batches_tracked + 1)).clamp(min=self.momentum)
+            running_mean, running_var = self.running_mean.float(), self.running_var.float()  # buffers in any dtype
+            mean = torch.lerp(running_mean, batch_mean, weight)
+            if self.statistics == "running":  # of the mixture of the batches: between-batch spread included
+                var = (1 - weight) * (running_var + (running_mean - mean) ** 2) + weight * (
+                    batch_var + (batch_mean - mean) ** 2
+                )
+            else:  # "running_mean": the mean of the batches' variances, as plain batch norm keeps
+                var = torch.lerp(running_var, batch_var, weight)
+            self.running_mean.copy_(mean)
+            self.running_var.copy_(var)
+            self.num_batches_tracked.add_(1)
+        batch_std = (batch_var + self.eps).sqrt()
+        if self.statistics == "running":
+            std = (var + self.eps).sqrt()
+            normed = (means - batch_mean) / batch_std * (batch_std / std).detach() + (
+                (batch_mean - mean) / std
+            ).detach()
+        else:  # the batch's offset from the running mean passes (with its gradient), over the batch's own spread
+            normed = (means - mean) / batch_std
+        return (normed * self.weight + self.bias).to(latent_mean.dtype)
 
 
 class CVAELlamaPosteriorEncoder(nn.Module):
@@ -297,7 +343,11 @@ class CVAELlamaPosteriorEncoder(nn.Module):
         self.to_latent_mean_logvar = nn.Sequential(
             nn.Linear(config.hidden_size, config.hidden_size), nn.SiLU(), ZeroInitLinear(config.hidden_size, share)
         )
-        self.mean_norm = CVAELlamaPosteriorNorm(config.latent_size) if config.posterior_batch_norm else None
+        self.mean_norm = (
+            CVAELlamaPosteriorNorm(config.latent_size, config.posterior_norm_statistics)
+            if config.posterior_batch_norm
+            else None
+        )
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
         batch_size, num_read_outs = input_ids.shape[0], self.num_read_outs
@@ -342,8 +392,8 @@ class CVAELlamaPosteriorEncoder(nn.Module):
         latent_logvar = LOGVAR_BOUND * torch.tanh(latent_logvar / LOGVAR_BOUND)
         latent_mean = latent_mean.reshape(batch_size, -1)
         if self.mean_norm is not None:
-            # mu <- gamma * (mu - E_batch[mu]) / sqrt(Var_batch[mu] + eps) + beta, per dimension: the means spread
-            # across the batch from the first step, however little the encoder's features differ
+            # mu <- gamma * (mu - E[mu]) / sqrt(Var[mu] + eps) + beta, per dimension (E, Var: the running statistics
+            # or the batch's): the means spread from the first step, however little the encoder's features differ
             latent_mean = self.mean_norm(latent_mean)
         return latent_mean, latent_logvar.reshape(batch_size, -1)
 
@@ -424,7 +474,9 @@ class CVAELlamaLatentMemory(nn.Module):
                 return False
             if any(part._forward_hooks or part._forward_pre_hooks or "forward" in vars(part) for part in parts):
                 return False
-        weights = [part.weight for layer in self.layers for part in (layer.to_states[0], layer.to_states[2], layer.norm)]
+        weights = [
+            part.weight for layer in self.layers for part in (layer.to_states[0], layer.to_states[2], layer.norm)
+        ]
         return len({weight.device for weight in weights}) == 1
 
     def _stacked_forward(self, latent, position_embeddings) -> tuple:
@@ -832,7 +884,9 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             inputs_embeds = inputs_embeds + self.latent_to_embedding(latent)[:, None]
         num_slots = self.config.memory_prefix_length
         checkpointing = (
-            self.training and torch.is_grad_enabled() and any(layer.gradient_checkpointing for layer in self.model.layers)
+            self.training
+            and torch.is_grad_enabled()
+            and any(layer.gradient_checkpointing for layer in self.model.layers)
         )
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
@@ -1095,7 +1149,9 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             )
         architecture = DECODER_ARCHITECTURES.get(getattr(llm.config, "model_type", None))
         if architecture is None or not isinstance(llm, architecture.causal_lm):
-            supported = ", ".join(f"{arch.causal_lm.__name__} ({name!r})" for name, arch in DECODER_ARCHITECTURES.items())
+            supported = ", ".join(
+                f"{arch.causal_lm.__name__} ({name!r})" for name, arch in DECODER_ARCHITECTURES.items()
+            )
             raise ValueError(
                 f"from_llm supports the causal LMs {supported}; got {type(llm).__name__} (model_type "
                 f"{getattr(llm.config, 'model_type', None)!r})"

@@ -61,6 +61,15 @@ ROWS = (
     # which bounds the KL from below): the collapse contrast of vanilla KL against DG + G-Skip, without it
     _row("vanilla_no_bn", "vanilla KL, no posterior batch norm", "kl", "none", "--posterior_batch_norm", "false"),
     _row("dg_gskip_no_bn", "DG + G-Skip, no posterior batch norm", "dg", "gskip", "--posterior_batch_norm", "false"),
+    # the batch norm's other statistics in training (`posterior_norm_statistics`; the default is "running_mean"):
+    # each batch's own (a batch is one prompt's group: within-group ones; the default before), and the running
+    # statistics of all the means seen (between-group spread included)
+    _row("vanilla_batch_stats", "vanilla KL, batch statistics", "kl", "none", "--posterior_norm_statistics", "batch"),
+    _row("dg_gskip_batch_stats", "DG + G-Skip, batch statistics", "dg", "gskip", "--posterior_norm_statistics",
+         "batch"),
+    _row("vanilla_running", "vanilla KL, running statistics", "kl", "none", "--posterior_norm_statistics", "running"),
+    _row("dg_gskip_running", "DG + G-Skip, running statistics", "dg", "gskip", "--posterior_norm_statistics",
+         "running"),
 )
 ROWS_BY_NAME = {row.name: row for row in ROWS}
 KEY_ROWS = ("vanilla", "beta_0", "optimus", "dg", "dg_gskip")  # the rows run under several seeds
@@ -197,7 +206,8 @@ def evaluate_steps(row: Row, seed: int, setup: DatasetSetup, budget: Budget, mod
                 "--group_size", str(group_size), "--num_latents", str(budget.num_latents),
                 "--max_prompt_tokens", str(setup.prompt_tokens + 1),
                 "--max_response_tokens", str(setup.response_tokens + 1), "--max_new_tokens", str(setup.response_tokens),
-                "--iw_samples", str(budget.iw_samples), "--mc_samples", str(budget.mc_samples), "--batch_size", "32",
+                "--iw_samples", str(budget.iw_samples), "--iw_prior_samples", str(budget.iw_samples // 2),
+                "--mc_samples", str(budget.mc_samples), "--batch_size", "32",
                 "--seed", "0", "--base_model", model, "--overwrite"]  # fmt: skip
         return argv, run / folder / "results.json", run / f"{folder.replace('evaluation', 'evaluate')}.log"
 

@@ -338,6 +338,29 @@ def test_importance_weighted_nll_hand_computed(model, tokenizer):
     torch.testing.assert_close(negative_elbo(model, batch).double(), expected + kl, atol=1e-4, rtol=0)
 
 
+def test_importance_weighted_nll_with_prior_samples_survives_a_posterior_far_sharper_than_the_true_one(model, tokenizer):
+    # the decoder ignores z (zero logits), so the true posterior is the prior; q = N(3, 0.01^2) is far from it
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    batch = _batch(tokenizer, ["won the game", "lost the match again"])
+    expected = (batch["labels"][:, 1:] != -100).sum(-1).double() * math.log(model.config.vocab_size)
+    set_constant_posterior(model, 3.0, math.log(0.01**2))
+    generator = torch.Generator().manual_seed(0)
+    plain = importance_weighted_nll(model, batch, 16, generator).double()
+    assert (plain > expected + 30).all()  # every weight p(z) / q(z) is tiny: the plain bound is loose by tens of nats
+    # half the samples from the prior, weights divided by the mixture: each prior sample weighs about k / m = 2
+    mixed = importance_weighted_nll(model, batch, 16, generator, prior_samples=8).double()
+    torch.testing.assert_close(mixed, expected, atol=1e-3, rtol=0)
+    only_prior = importance_weighted_nll(model, batch, 4, generator, prior_samples=4).double()
+    torch.testing.assert_close(only_prior, expected, atol=1e-4, rtol=0)  # r = p: every weight is p(y | x, z)
+    first = importance_weighted_nll(model, batch, 16, torch.Generator().manual_seed(1), prior_samples=0)
+    again = importance_weighted_nll(model, batch, 16, torch.Generator().manual_seed(1))
+    assert torch.equal(first, again)
+    for bad in (-1, 17, 2.0, True):
+        with pytest.raises(ValueError, match="prior_samples must be an integer from 0 to num_samples"):
+            importance_weighted_nll(model, batch, 16, prior_samples=bad)
+
+
 def test_importance_weighted_nll_tightens_the_negative_elbo(model, tokenizer):
     torch.manual_seed(0)
     with torch.no_grad():  # an informative random posterior

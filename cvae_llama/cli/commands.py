@@ -311,6 +311,7 @@ def run_evaluate(model_args: ModelArguments, data_args: DataArguments, args: Eva
         num_latents=args.num_latents,
         max_new_tokens=args.max_new_tokens,
         iw_samples=args.iw_samples,
+        iw_prior_samples=args.iw_prior_samples,
         mc_samples=args.mc_samples,
         control_strength=args.control_strength,
         batch_size=args.batch_size,

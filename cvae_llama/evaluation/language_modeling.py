@@ -11,7 +11,7 @@ import torch
 
 from ..latent_statistics import diagonal_gaussian_log_density, sample_posterior
 from ..modeling_cvae_llama import gaussian_kl
-from .utils import check_cvae
+from .utils import check_cvae, prior_latents
 
 
 def _check_batch(batch: Mapping[str, torch.Tensor]) -> None:
@@ -81,20 +81,32 @@ def _posterior_samples(model, batch, num_samples, generator):
 
 @torch.no_grad()
 def importance_weighted_nll(
-    model, batch: Mapping[str, torch.Tensor], num_samples: int = 32, generator: torch.Generator | None = None
+    model,
+    batch: Mapping[str, torch.Tensor],
+    num_samples: int = 32,
+    generator: torch.Generator | None = None,
+    prior_samples: int = 0,
 ) -> torch.Tensor:
     r"""-log p(y | x) per response, estimated with `num_samples` posterior samples as the proposal (Burda et al.).
 
-        -log p(y|x) ~= -log( (1/k) sum_s exp( log p(y|x,z_s) + log p(z_s) - log q(z_s|x,y) ) ),  z_s ~ q(z|x,y)
+        -log p(y|x) ~= -log( (1/k) sum_s exp( log p(y|x,z_s) + log p(z_s) - log r(z_s) ) ),  r = q(z|x,y)
 
     with p(z) = N(0, I), computed with log-sum-exp. In expectation it is an upper bound of the true NLL that
     tightens as k grows, and at most the negative ELBO (k = 1 gives the single-sample ELBO).
+
+    With `prior_samples` = m > 0, m of the k samples are drawn from the prior instead, and every weight divides by the
+    mixture the samples come from, r = ((k - m) q(z|x,y) + m p(z)) / k (defensive importance sampling, Hesterberg,
+    1995; the balance heuristic of Veach and Guibas, 1995). The mean weight is still unbiased for p(y | x), so the
+    estimate is still an upper bound of the NLL in expectation; but a weight is at most (k / m) p(y | x, z), so a
+    posterior much sharper than the true one (which makes the plain estimate loose) costs at most log(k / m) nats
+    beyond what prior samples alone would give.
 
     Args:
         model ([`CVAELlamaForCausalLM`]): the CVAE (evaluated as it is; call `.eval()` first).
         batch (`dict`): `input_ids`, `attention_mask` (left padding) and `labels` (-100 except the response).
         num_samples (`int`, defaults to 32): k.
         generator (`torch.Generator`, *optional*): CPU generator for reproducible samples.
+        prior_samples (`int`, defaults to 0): m, how many of the k samples come from the prior (0 to k).
 
     Returns:
         `torch.Tensor` of shape `(batch,)`: the NLL of each response in nats (float32).
@@ -103,13 +115,31 @@ def importance_weighted_nll(
     _check_batch(batch)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    log_weights = []
-    for latent_mean, latent_logvar, latent in _posterior_samples(model, batch, num_samples, generator):
-        log_prior = diagonal_gaussian_log_density(latent, torch.zeros_like(latent), torch.zeros_like(latent))
-        log_posterior = diagonal_gaussian_log_density(latent, latent_mean, latent_logvar)
-        log_likelihood = response_log_likelihood(model, batch, latent.to(model.dtype))
-        log_weights.append(log_likelihood + log_prior.sum(-1) - log_posterior.sum(-1))
-    log_weights = torch.stack(log_weights)  # (k, batch)
+    if isinstance(prior_samples, bool) or not isinstance(prior_samples, int) or not 0 <= prior_samples <= num_samples:
+        raise ValueError(
+            f"prior_samples must be an integer from 0 to num_samples ({num_samples}), got {prior_samples!r}"
+        )
+    latent_mean, latent_logvar = (
+        tensor.float()
+        for tensor in model.encode(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device))
+    )
+    batch_size, latent_size = latent_mean.shape
+    posterior_samples = num_samples - prior_samples
+    latents = [sample_posterior(latent_mean, latent_logvar, posterior_samples, generator)] if posterior_samples else []
+    if prior_samples:
+        prior = prior_latents(model, prior_samples * batch_size, generator=generator).to(latent_mean.device)
+        latents.append(prior.view(prior_samples, batch_size, latent_size))
+    latents = torch.cat(latents)  # (k, batch, d): the posterior's samples, then the prior's
+    log_prior = diagonal_gaussian_log_density(latents, torch.zeros_like(latents), torch.zeros_like(latents)).sum(-1)
+    log_posterior = diagonal_gaussian_log_density(latents, latent_mean, latent_logvar).sum(-1)
+    # log r(z) = log( ((k - m) q(z|x,y) + m p(z)) / k ); a zero share is log 0 = -inf, which logsumexp ignores
+    shares = torch.tensor([posterior_samples / num_samples, prior_samples / num_samples], device=latents.device)
+    log_proposal = torch.logsumexp(torch.stack([log_posterior, log_prior]) + shares.log().view(2, 1, 1), dim=0)
+    log_weights = (
+        torch.stack([response_log_likelihood(model, batch, latent.to(model.dtype)) for latent in latents])
+        + log_prior
+        - log_proposal
+    )  # (k, batch)
     return -(torch.logsumexp(log_weights, dim=0) - math.log(num_samples)).cpu()
 
 

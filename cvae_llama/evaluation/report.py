@@ -70,6 +70,8 @@ DISPLAY_NAMES = {
     "consistent_units": "CU (aggregate KL < {threshold} nats)",
     "iw_nll": "IW-NLL per response (nats, k={k})",
     "iw_perplexity": "IW perplexity per token",
+    "iw_nll_defensive": "IW-NLL per response, {m} of k={k} samples from the prior (nats)",
+    "iw_perplexity_defensive": "IW perplexity per token, {m} of k={k} samples from the prior",
     "negative_elbo": "-ELBO per response (nats)",
     "elbo_perplexity": "ELBO perplexity per token (upper bound)",
     "base_lm_nll": "base LM NLL per response (nats, no latent)",
@@ -110,6 +112,7 @@ class EvaluationRun:
     max_new_tokens: int
     temperatures: Sequence[float]
     iw_samples: int
+    iw_prior_samples: int
     mc_samples: int
     control_strength: float
     control_temperature: float | None
@@ -190,6 +193,15 @@ def _language_modeling(run: EvaluationRun) -> dict:
         "base_lm_perplexity": perplexity(posteriors["base_nll"], tokens),
         "iw_samples": run.iw_samples,
         "num_tokens": int(tokens.sum()),
+        **(
+            {
+                "iw_prior_samples": run.iw_prior_samples,
+                "iw_nll_defensive": posteriors["iw_nll_defensive"].mean().item(),
+                "iw_perplexity_defensive": perplexity(posteriors["iw_nll_defensive"], tokens),
+            }
+            if run.iw_prior_samples
+            else {}
+        ),
     }
 
 
@@ -363,6 +375,7 @@ def evaluation_report(
     max_new_tokens: int | None = None,
     temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
     iw_samples: int = 32,
+    iw_prior_samples: int = 0,
     mc_samples: int = 16,
     control_strength: float = CONTROL_STRENGTH,
     control_temperature: float | None = None,
@@ -406,6 +419,10 @@ def evaluation_report(
         max_prompt_tokens, max_response_tokens (`int`): token budgets, as in training (`DATASET_BUDGETS`).
         max_new_tokens (`int`, *optional*): cap on generated tokens (defaults to `max_response_tokens`).
         iw_samples (`int`, defaults to 32): k of the importance-weighted NLL.
+        iw_prior_samples (`int`, defaults to 0): when m > 0, the importance-weighted NLL is estimated a second time
+            with m of its k samples drawn from the prior, the weights divided by the mixture they come from
+            (`importance_weighted_nll`'s `prior_samples`), and reported beside the plain estimate as
+            `iw_nll_defensive` / `iw_perplexity_defensive`.
         mc_samples (`int`, defaults to 16): Monte-Carlo samples per posterior for MI and CU.
         control_strength (`float`, defaults to 16.0): k of z + k * direction.
         control_temperature (`float`, *optional*): decoding temperature of control (greedy when `None`).
@@ -437,6 +454,7 @@ def evaluation_report(
             max_new_tokens=max_new_tokens or max_response_tokens,
             temperatures=temperatures,
             iw_samples=iw_samples,
+            iw_prior_samples=iw_prior_samples,
             mc_samples=mc_samples,
             control_strength=control_strength,
             control_temperature=control_temperature,
@@ -482,6 +500,7 @@ def _results_header(run: EvaluationRun, model_path_or_model, chosen: list[str], 
             "max_response_tokens": run.max_response_tokens,
             "max_new_tokens": run.max_new_tokens,
             "iw_samples": run.iw_samples,
+            "iw_prior_samples": run.iw_prior_samples,
             "mc_samples": run.mc_samples,
             "seed": run.seed,
             "base_model": "given" if base_model_given else "the CVAE's decoder without the latent",
@@ -609,7 +628,7 @@ def _posteriors(run: EvaluationRun, collator: OneToManyCollator, language_modeli
     """Posterior means and log-variances of every response (and, optionally, the IW-NLL, -ELBO and base LM NLL)."""
     model, groups = run.model, run.groups
     generator = run.generator()
-    means, logvars, group_ids, labels, iw, elbo, base, tokens = [], [], [], [], [], [], [], []
+    means, logvars, group_ids, labels, iw, defensive, elbo, base, tokens = [], [], [], [], [], [], [], [], []
     per_batch = max(1, run.batch_size // max(len(group["responses"]) for group in groups))
     for start in tqdm(range(0, len(groups), per_batch), desc="Posteriors", leave=False):
         chunk = groups[start : start + per_batch]
@@ -621,6 +640,12 @@ def _posteriors(run: EvaluationRun, collator: OneToManyCollator, language_modeli
         labels += [group["label"] for group in chunk for _ in group["responses"]]
         if language_modeling:
             iw.append(importance_weighted_nll(model, batch, run.iw_samples, generator))
+            if run.iw_prior_samples:
+                defensive.append(
+                    importance_weighted_nll(
+                        model, batch, run.iw_samples, generator, prior_samples=run.iw_prior_samples
+                    )
+                )
             elbo.append(negative_elbo(model, batch, 1, generator))
             base.append(causal_lm_nll(run.llm, batch))
             tokens.append(count_response_tokens(batch["labels"]))
@@ -634,6 +659,8 @@ def _posteriors(run: EvaluationRun, collator: OneToManyCollator, language_modeli
         result.update(
             iw_nll=torch.cat(iw), negative_elbo=torch.cat(elbo), base_nll=torch.cat(base), num_tokens=torch.cat(tokens)
         )
+        if defensive:
+            result["iw_nll_defensive"] = torch.cat(defensive)
     return result
 
 
@@ -721,6 +748,12 @@ def _language_modeling_markdown(results: dict) -> list[str]:
         (DISPLAY_NAMES[key], lm[key])
         for key in ("iw_perplexity", "negative_elbo", "elbo_perplexity", "base_lm_nll", "base_lm_perplexity")
     ]
+    if "iw_nll_defensive" in lm:
+        m, k = lm["iw_prior_samples"], lm["iw_samples"]
+        rows += [
+            (DISPLAY_NAMES["iw_nll_defensive"].format(k=k, m=m), lm["iw_nll_defensive"]),
+            (DISPLAY_NAMES["iw_perplexity_defensive"].format(k=k, m=m), lm["iw_perplexity_defensive"]),
+        ]
     return _table("Language modelling", rows)
 
 
