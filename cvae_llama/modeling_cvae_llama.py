@@ -292,7 +292,9 @@ class CVAELlamaPosteriorNorm(nn.BatchNorm1d):
         means = latent_mean.float()
         batch_mean, batch_var = means.mean(0), means.var(0, unbiased=False)
         with torch.no_grad():  # the running statistics, the batch's weight 1 / (batches seen) or `momentum` at least
-            weight = (1.0 / (self.num_batches_tracked + 1)).clamp(min=self.momentum)
+            # a batch of equal means (a fresh encoder's) has no statistics to give: weight 0, not counted
+            spread = (batch_var > 0).any()
+            weight = torch.where(spread, (1.0 / (self.num_batches_tracked + 1)).clamp(min=self.momentum), 0.0)
             running_mean, running_var = self.running_mean.float(), self.running_var.float()  # buffers in any dtype
             mean = torch.lerp(running_mean, batch_mean, weight)
             if self.statistics == "running":  # of the mixture of the batches: between-batch spread included
@@ -303,7 +305,7 @@ class CVAELlamaPosteriorNorm(nn.BatchNorm1d):
                 var = torch.lerp(running_var, batch_var, weight)
             self.running_mean.copy_(mean)
             self.running_var.copy_(var)
-            self.num_batches_tracked.add_(1)
+            self.num_batches_tracked.add_(spread.long())
         batch_std = (batch_var + self.eps).sqrt()
         if self.statistics == "running":
             std = (var + self.eps).sqrt()

@@ -228,7 +228,7 @@ def test_posterior_norm_running_statistics_normalise_training_as_evaluation():
     assert torch.allclose(means.grad, reference.grad * ratio, atol=1e-5)
     assert means.grad.abs().sum() > 0 and torch.allclose(means.grad.sum(0), torch.zeros(3), atol=1e-5)
     for _ in range(20):  # later batches weigh `momentum` (0.1) each
-        norm.train()(torch.zeros(8, 3))
+        norm.train()(torch.randn(8, 3, generator=generator) * 0.01)
     assert norm.num_batches_tracked.item() == 22 and (norm.running_mean.abs() < both.mean(0).abs()).all()
 
 
@@ -254,6 +254,20 @@ def test_posterior_norm_running_mean_keeps_each_batchs_spread_and_passes_its_off
     norm.eval()
     expected = (second - norm.running_mean) / (norm.running_var + norm.eps).sqrt()
     assert torch.allclose(norm(second), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("statistics", ["running", "running_mean"])
+def test_posterior_norm_a_batch_of_equal_means_leaves_the_running_statistics_alone(statistics):
+    """A fresh encoder's means are all equal (zero read-out): such a batch has no spread to give, so it is not
+    counted, and the first real batch sets the statistics alone (not averaged with a variance of 0)."""
+    norm = CVAELlamaPosteriorNorm(3, statistics=statistics)
+    assert torch.equal(norm(torch.zeros(8, 3)), torch.zeros(8, 3))
+    assert norm.num_batches_tracked.item() == 0
+    assert torch.equal(norm.running_mean, torch.zeros(3)) and torch.equal(norm.running_var, torch.ones(3))
+    batch = torch.randn(8, 3, generator=torch.Generator().manual_seed(0)) * 1e-3
+    norm(batch)
+    assert norm.num_batches_tracked.item() == 1
+    assert torch.allclose(norm.running_var, batch.var(0, unbiased=False)), "the real batch's own variance"
 
 
 @pytest.mark.slow
