@@ -637,6 +637,7 @@ def test_evaluation_report_on_a_tiny_cvae(saved_model, tmp_path):
         max_response_tokens=8,
         temperatures=(0.1, 1.0),
         iw_samples=4,
+        iw_prior_samples=2,
         batch_size=8,
     )
     for name in ("results.json", "results.md", "samples.json"):
@@ -647,7 +648,9 @@ def test_evaluation_report_on_a_tiny_cvae(saved_model, tmp_path):
     latent = on_disk["latent"]
     assert latent["kl"] == pytest.approx(0.0, abs=1e-6)  # a new model's posterior is N(0, I)
     assert latent["active_units_whole_set"] == 0 and latent["consistent_units"]["0.1"] == 8
-    assert on_disk["language_modeling"]["iw_perplexity"] > 1
+    language_modeling = on_disk["language_modeling"]
+    assert language_modeling["iw_perplexity"] > 1 and language_modeling["iw_perplexity_defensive"] > 1
+    assert language_modeling["iw_prior_samples"] == on_disk["settings"]["iw_prior_samples"] == 2
     assert on_disk["diversity"]["references"] == "dataset responses"
     assert len(on_disk["temperature_sweep"]) == 2 and len(on_disk["interpolation"]["texts"]) == 11
     assert on_disk["control"]["label_names"] == ["sports", "business"]
@@ -655,6 +658,7 @@ def test_evaluation_report_on_a_tiny_cvae(saved_model, tmp_path):
     assert on_disk["labels"]["bertscore_minilm_f1"] == "BERTScore (MiniLM-L6)"
     markdown = (output_dir / "results.md").read_text()
     assert "| MI I(y; z \\| x) (nats) |" in markdown and "BERTScore (MiniLM-L6)" in markdown
+    assert "| IW perplexity per token, 2 of k=4 samples from the prior |" in markdown
     assert set(results["plots"]) == {"latent_space", "kl_per_dimension", "temperature_sweep", "interpolation"}
     for file in results["plots"].values():
         assert f"]({file})" in markdown
@@ -689,6 +693,8 @@ def test_evaluation_report_rejects_bad_input(saved_model, model, tokenizer, tmp_
         evaluation_report(saved_model, rows, tmp_path, metrics=["perplexity"])
     with pytest.raises(ValueError, match="num_latents must be an integer >= 2"):
         evaluation_report(saved_model, rows, tmp_path, metrics=["diversity"], num_latents=1)
+    with pytest.raises(ValueError, match=r"iw_prior_samples must be an integer from 0 to iw_samples \(4\), got 5"):
+        evaluation_report(saved_model, rows, tmp_path, metrics=["language_modeling"], iw_samples=4, iw_prior_samples=5)
     with pytest.raises(ValueError, match="expected 'prompt' and 'response'"):
         evaluation_report(saved_model, Dataset.from_dict({"text": ["a b"]}), tmp_path)
     with pytest.raises(ValueError, match="metric 'control' needs a 'label' column"):
