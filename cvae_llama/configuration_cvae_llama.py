@@ -11,7 +11,7 @@ LATENT_INJECTIONS = ("memory", "embedding", "memory+embedding")
 SKIP_CONNECTIONS = ("gskip", "skip", "none")
 DECODER_MODES = ("frozen", "full", "lora")
 POSTERIOR_POOLINGS = ("mean", "queries")
-POSTERIOR_NORM_STATISTICS = ("running_mean", "running", "batch")
+POSTERIOR_NORM_STATISTICS = ("batch", "running_mean", "running")
 CVAE_FIELDS = (
     "latent_size",
     "num_latent_queries",
@@ -85,16 +85,17 @@ class CVAELlamaConfig(LlamaConfig):
             in evaluation running statistics stand in. The encoder's features barely differ between texts at
             first, and without it the means stay almost equal, so the decoder learns to ignore z; with it they
             spread from the first step. Folders saved before this field existed load with `False`.
-        posterior_norm_statistics (`str`, defaults to `"running_mean"`):
+        posterior_norm_statistics (`str`, defaults to `"batch"`):
             What the batch norm standardises the means with in training; evaluation always uses its running
-            statistics, which training updates with each batch first. A training batch is often one prompt's group.
-            - `"running_mean"`: centred on the running mean, scaled by the batch's own spread. Every group spreads
-              with unit variance, and its offset from the running mean reaches the objective as it does in
-              evaluation.
+            statistics. A training batch is often one prompt's group.
+            - `"batch"`: the batch's own statistics, as plain batch norm. Each group is centred on itself in
+              training, but evaluation divides a held-out group's offset by a within-group spread.
+            - `"running_mean"`: centred on the running mean (updated with each batch first), scaled by the batch's
+              own spread. Every group spreads with unit variance, and its offset from the running mean reaches the
+              objective as it does in evaluation. The offset's gradient is not scale-invariant: on a fixed batch
+              the gradient norm does not fall.
             - `"running"`: the running mean and variance of every mean seen, so that training normalises exactly as
               evaluation does (batch renormalisation, Ioffe, 2017). The spread between groups then counts too.
-            - `"batch"`: the batch's own statistics, as plain batch norm. Each group is centred on itself in
-              training, and evaluation divides a held-out group's offset by a within-group spread.
             Folders saved before this field existed load with `"batch"`.
         posterior_pooling (`str`, defaults to `"mean"`):
             What the posterior's read-out reads: `"mean"`, the mean of the encoder's last token states (all real
@@ -126,7 +127,7 @@ class CVAELlamaConfig(LlamaConfig):
     gskip_samples: int = 32
     decoder_mode: str = "frozen"
     posterior_batch_norm: bool = True
-    posterior_norm_statistics: str = "running_mean"
+    posterior_norm_statistics: str = "batch"
     posterior_pooling: str = "mean"
 
     def __post_init__(self, **kwargs):

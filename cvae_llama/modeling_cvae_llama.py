@@ -264,21 +264,22 @@ class CVAELlamaPosteriorNorm(nn.BatchNorm1d):
     - `"running_mean"`: centred on the running mean, scaled by the batch's own spread, mu_hat = (mu - mu_run) /
       sigma_B. Every batch (group) spreads with unit variance, and its offset from the running mean reaches the
       objective (and the gradient) as it does in evaluation, where the running mean of the batches' variances
-      stands in for sigma_B.
+      stands in for sigma_B. The offset's gradient is not invariant to the scale of the means (it grows as sigma_B
+      shrinks), so on a fixed batch the gradient norm does not fall.
     - `"running"`: the running statistics of every mean seen (the mixture of the batches, between-batch spread
       included), as evaluation does, with batch norm's gradient (batch renormalisation, Ioffe, 2017):
 
           mu_hat = (mu - mu_B) / sigma_B * r + d,   r = sg(sigma_B / sigma),   d = sg((mu_B - mu_run) / sigma)
 
       which equals (mu - mu_run) / sigma in value (`sg`: no gradient).
-    - `"batch"`: plain batch norm, the batch's own mean and variance. With one group per batch, the running
+    - `"batch"` (the default): plain batch norm, the batch's own mean and variance. With one group per batch, the running
       statistics are then within-group ones, and evaluation divides a held-out group's offset by them.
 
     With `"running_mean"` and `"running"` the running statistics are updated with the batch before it is normalised
     (its weight 1 / batches seen, `momentum` at least), so the first batch uses its own statistics.
     """
 
-    def __init__(self, num_features: int, statistics: str = "running_mean"):
+    def __init__(self, num_features: int, statistics: str = "batch"):
         super().__init__(num_features)
         self.statistics = statistics
 

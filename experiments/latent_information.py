@@ -86,6 +86,7 @@ VARIANTS = {
     "defaults+pretrained_lr1e-5": _variant({}, train={"pretrained_learning_rate": 1e-5}),
     "defaults+full": _variant({}, model={"decoder_mode": "full"}, train={"pretrained_learning_rate": 1e-5}),
     "defaults+lora": _variant({}, model={"decoder_mode": "lora"}),
+    "defaults+running_mean": _variant({}, model={"posterior_norm_statistics": "running_mean"}),
 }
 AUTOENCODER = {"objective": "kl", "kl_weight": 0.0}
 

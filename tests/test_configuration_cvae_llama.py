@@ -18,7 +18,7 @@ NON_DEFAULT_FIELDS = dict(
     gskip_samples=7,
     decoder_mode="full",
     posterior_batch_norm=False,
-    posterior_norm_statistics="batch",
+    posterior_norm_statistics="running_mean",
     posterior_pooling="queries",
 )
 
@@ -43,7 +43,7 @@ def test_paper_defaults():
         gskip_samples=32,
         decoder_mode="frozen",
         posterior_batch_norm=True,
-        posterior_norm_statistics="running_mean",
+        posterior_norm_statistics="batch",
         posterior_pooling="mean",
     )
 

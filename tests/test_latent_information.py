@@ -193,7 +193,7 @@ def test_folders_saved_before_the_new_posterior_fields_load_as_they_were_built(t
     assert torch.equal(loaded.encoder.latent_queries, model.encoder.latent_queries)
     fresh = CVAELlamaConfig()
     assert (fresh.posterior_batch_norm, fresh.posterior_pooling, fresh.posterior_norm_statistics) == (
-        True, "mean", "running_mean"
+        True, "mean", "batch"
     )  # fmt: skip
     with pytest.raises(ValueError, match="posterior_batch_norm"):
         tiny_cvae_config(posterior_batch_norm="yes")
