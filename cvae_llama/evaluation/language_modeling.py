@@ -68,13 +68,27 @@ def causal_lm_nll(llm, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return -_labelled_log_likelihood(logits, batch["labels"].to(device)).cpu()
 
 
-def _posterior_samples(model, batch, num_samples, generator):
-    """The posteriors of the batch (float32) and `num_samples` reparameterised samples of each, one `(batch, d)` at a
-    time (drawn together by `cvae_llama.latent_statistics.sample_posterior`)."""
+def check_prior_samples(
+    prior_samples, num_samples: int, name: str = "prior_samples", bound_name: str = "num_samples"
+) -> int:
+    """`prior_samples` if it is an integer from 0 to `num_samples`; else `ValueError` naming both and the value."""
+    if isinstance(prior_samples, bool) or not isinstance(prior_samples, int) or not 0 <= prior_samples <= num_samples:
+        raise ValueError(f"{name} must be an integer from 0 to {bound_name} ({num_samples}), got {prior_samples!r}")
+    return prior_samples
+
+
+def _posterior(model, batch):
+    """The posterior means and log-variances of the batch, float32."""
     latent_mean, latent_logvar = model.encode(
         batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
     )
-    latent_mean, latent_logvar = latent_mean.float(), latent_logvar.float()
+    return latent_mean.float(), latent_logvar.float()
+
+
+def _posterior_samples(model, batch, num_samples, generator):
+    """The posteriors of the batch (float32) and `num_samples` reparameterised samples of each, one `(batch, d)` at a
+    time (drawn together by `cvae_llama.latent_statistics.sample_posterior`)."""
+    latent_mean, latent_logvar = _posterior(model, batch)
     for latent in sample_posterior(latent_mean, latent_logvar, num_samples, generator):
         yield latent_mean, latent_logvar, latent
 
@@ -115,14 +129,8 @@ def importance_weighted_nll(
     _check_batch(batch)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if isinstance(prior_samples, bool) or not isinstance(prior_samples, int) or not 0 <= prior_samples <= num_samples:
-        raise ValueError(
-            f"prior_samples must be an integer from 0 to num_samples ({num_samples}), got {prior_samples!r}"
-        )
-    latent_mean, latent_logvar = (
-        tensor.float()
-        for tensor in model.encode(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device))
-    )
+    check_prior_samples(prior_samples, num_samples)
+    latent_mean, latent_logvar = _posterior(model, batch)
     batch_size, latent_size = latent_mean.shape
     posterior_samples = num_samples - prior_samples
     latents = [sample_posterior(latent_mean, latent_logvar, posterior_samples, generator)] if posterior_samples else []

@@ -35,6 +35,7 @@ from .generation import (
 )
 from .language_modeling import (
     causal_lm_nll,
+    check_prior_samples,
     count_response_tokens,
     importance_weighted_nll,
     negative_elbo,
@@ -437,14 +438,7 @@ def evaluation_report(
     chosen = _known_metrics(metrics)
     check_positive_int(num_latents, "num_latents", minimum=2)  # diversity compares K >= 2 texts per prompt
     check_positive_int(iw_samples, "iw_samples")
-    if (
-        isinstance(iw_prior_samples, bool)
-        or not isinstance(iw_prior_samples, int)
-        or not 0 <= iw_prior_samples <= iw_samples
-    ):
-        raise ValueError(
-            f"iw_prior_samples must be an integer from 0 to iw_samples ({iw_samples}), got {iw_prior_samples!r}"
-        )
+    check_prior_samples(iw_prior_samples, iw_samples, "iw_prior_samples", "iw_samples")
     groups = _groups_of(dataset, group_size, num_prompts)
     chosen = _runnable_metrics(chosen, groups, dataset.column_names)
 
