@@ -182,9 +182,15 @@ def _objective_text(record: dict) -> str | None:
         "free_bits": f"reconstruction + free-bits KL (lambda {args.get('free_bits')})",
         "cyclical": "reconstruction + KL with cyclical annealing",
         "optimus": f"reconstruction + KL with cyclical annealing and free bits {args.get('free_bits')} (Optimus)",
-        "bow": "reconstruction + KL + bag-of-words loss",
+        "bow": "reconstruction + KL",
     }
-    return f"`{objective}`: {described.get(objective, objective)}"
+    text = described.get(objective, objective)
+    bow_weight = args.get("bow_weight")
+    if bow_weight is None and objective == "bow":  # saved when the weight of objective bow had the default 1.0
+        bow_weight = 1.0
+    if bow_weight:
+        text += f" + {bow_weight} x bag-of-words loss"
+    return f"`{objective}`: {text}"
 
 
 def _training_data_text(record: dict) -> str | None:

@@ -12,11 +12,17 @@ about the text, topic included. The script
    real AG News texts this time, cut to the response budget;
 3. on the first `--num_test` test texts: how well a linear classifier on the posterior means tells the topic (the
    latent carries it or not), label directions from the first half (`label_directions`, one group: the whole half),
-   and `latent_guided_control` of the second half's first `--num_control` texts at every `--strengths` k.
+   and `latent_guided_control` of the second half's first `--num_control` texts at every `--strengths` k (with the
+   share of unshifted reconstructions whose topic, by the probe, is their original's);
+4. how the decoded texts read, since a shift can buy the probe's vote with broken text: the base LM's per-token
+   perplexity of each set of texts (`fluency`: the reconstructions, then the texts shifted toward each label) and the
+   mean within-text share of repeated word bigrams (`repetition`: 0 for a text without a repeated bigram; the base
+   LM finds "'s 's 's ..." fluent, this does not); both also for the original texts of the controlled latents.
 
     python experiments/unconditional_control.py --output_dir runs/unconditional_control
 
-Writes `results.json` in `--output_dir` after every k; a finished training is reused.
+Writes `results.json` in `--output_dir` after every k (all decoded texts in `texts.json`); a finished training is
+reused, and a rerun with other `--strengths` adds them to the results already there.
 """
 
 import argparse
@@ -30,7 +36,13 @@ import torch
 
 from cvae_llama.data.collator import OneToManyCollator
 from cvae_llama.data.loaders import load_agnews
-from cvae_llama.evaluation.control import label_directions, latent_guided_control, train_label_probe
+from cvae_llama.evaluation.control import (
+    fit_logistic_regression,
+    label_directions,
+    latent_guided_control,
+    train_label_probe,
+)
+from cvae_llama.evaluation.language_modeling import causal_lm_nll, count_response_tokens, perplexity
 from cvae_llama.evaluation.utils import decoder_as_causal_lm
 from cvae_llama.loading import load_cvae
 from cvae_llama.pretrained import smollm2_path
@@ -45,10 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_probe", type=int, default=1024)
     parser.add_argument("--num_test", type=int, default=256)
     parser.add_argument("--num_control", type=int, default=64)
-    parser.add_argument("--max_steps", type=int, default=128)
+    parser.add_argument("--max_steps", type=int, default=400)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_tokens", type=int, default=32, help="response budget (tokens) in training and decoding")
-    parser.add_argument("--strengths", type=float, nargs="+", default=[2.0, 4.0, 8.0, 16.0])
+    parser.add_argument("--strengths", type=float, nargs="*", default=[2.0, 4.0, 8.0, 16.0],
+                        help="k of the control (none: only the probe and the latent's topic accuracy)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train_flags", nargs=argparse.REMAINDER, default=[],
                         help="further `cvae-llama train` flags (last)")  # fmt: skip
@@ -87,23 +100,32 @@ def posterior_means(model, tokenizer, texts: list[str], max_tokens: int, batch_s
     return torch.cat(means)
 
 
+@torch.no_grad()
+def base_lm_perplexity(llm, tokenizer, texts: list[str], max_tokens: int, batch_size: int = 32) -> float:
+    """Per-token perplexity of `texts` (each cut to `max_tokens`, no EOS) under the base LM `llm`."""
+    collator = OneToManyCollator(tokenizer, 0, max_tokens, add_eos=False)
+    nll, tokens = [], []
+    for start in range(0, len(texts), batch_size):
+        batch = collator([{"prompt": "", "responses": [text or " " for text in texts[start : start + batch_size]]}])
+        nll.append(causal_lm_nll(llm, batch))
+        tokens.append(count_response_tokens(batch["labels"]))
+    return perplexity(torch.cat(nll), torch.cat(tokens))
+
+
+def repetition(texts: list[str]) -> float:
+    """Mean over texts of 1 - distinct word bigrams / word bigrams within the text (0 for texts under 2 words)."""
+    shares = []
+    for text in texts:
+        words = text.split()
+        bigrams = list(zip(words, words[1:], strict=False))
+        shares.append(1 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0)
+    return sum(shares) / len(shares)
+
+
 def linear_topic_accuracy(features: torch.Tensor, labels: torch.Tensor, train_rows: int) -> float:
-    """Held-out accuracy of a logistic regression (L-BFGS, weight decay 1e-2) from posterior means to the topic."""
-    mean, std = features[:train_rows].mean(0), features[:train_rows].std(0).clamp(min=1e-6)
-    features = (features - mean) / std
-    head = torch.nn.Linear(features.shape[1], int(labels.max()) + 1)
-    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(head(features[:train_rows]), labels[:train_rows])
-        loss = loss + 1e-2 * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return (head(features[train_rows:]).argmax(-1) == labels[train_rows:]).float().mean().item()
+    """Held-out accuracy of a logistic regression (`fit_logistic_regression`) from posterior means to the topic."""
+    head, mean, std, _ = fit_logistic_regression(features, labels, slice(0, train_rows), int(labels.max()) + 1)
+    return (head((features[train_rows:] - mean) / std).argmax(-1) == labels[train_rows:]).float().mean().item()
 
 
 def main(argv=None) -> dict:
@@ -121,20 +143,32 @@ def main(argv=None) -> dict:
     texts, labels = test_rows["text"], torch.tensor(test_rows["label"])
     means = posterior_means(model, tokenizer, texts, args.max_tokens)
     half = args.num_test // 2
+    results_file, texts_file = args.output_dir / "results.json", args.output_dir / "texts.json"
+    earlier = json.loads(results_file.read_text())["control"] if results_file.exists() else {}
+    decoded = json.loads(texts_file.read_text()) if texts_file.exists() else {}
     results = {
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
         "probe_held_out_accuracy": probe.held_out_accuracy,
         "latent_topic_accuracy": linear_topic_accuracy(means, labels, half),  # chance about 0.25
         "posterior_mean_std": means.std(0).mean().item(),
         "label_names": list(validation.features["label"].names),
-        "control": {},
+        "control": earlier,
     }
     directions = label_directions(means[:half], probe.predict_proba(texts[:half]))
     control = means[half : half + args.num_control]
+    originals = texts[half : half + args.num_control]  # what the reconstructions should read like
+    results["originals"] = {
+        "fluency": base_lm_perplexity(llm, tokenizer, originals, args.max_tokens),
+        "repetition": repetition(originals),
+    }
     for strength in args.strengths:
         result = latent_guided_control(model, tokenizer, probe, [""] * len(control), control, directions, strength,
                                        max_new_tokens=args.max_tokens)  # fmt: skip
         reconstructed = probe.predict_proba(result["reconstructions"])
+        # does the decoder write the topic the latent came from? (the probe's vote on each reconstruction)
+        votes = torch.tensor(probe.label_values)[reconstructed.argmax(-1)]
+        results["reconstruction_topic_accuracy"] = (votes == labels[half : half + len(control)]).float().mean().item()
+        sets = {"reconstruction": result["reconstructions"], **result["controlled"]}
         results["control"][str(strength)] = {
             "mean_success": result["mean_success"],
             "success": result["success"],
@@ -142,9 +176,20 @@ def main(argv=None) -> dict:
             "reconstruction_target_probability": reconstructed.mean(0).tolist(),  # the unshifted baseline, per label
             "examples": {label: texts_[:3] for label, texts_ in result["controlled"].items()},
             "reconstructions": result["reconstructions"][:3],
+            "fluency": {
+                name: base_lm_perplexity(llm, tokenizer, texts_, args.max_tokens) for name, texts_ in sets.items()
+            },
+            "repetition": {name: repetition(texts_) for name, texts_ in sets.items()},
         }
-        (args.output_dir / "results.json").write_text(json.dumps(results, indent=2))
-        print(f"k = {strength}: success {result['mean_success']:.3f}, win rate {result['mean_win_rate']:.3f}")
+        decoded[str(strength)] = sets
+        results["control"] = dict(sorted(results["control"].items(), key=lambda item: float(item[0])))
+        results_file.write_text(json.dumps(results, indent=2))
+        texts_file.write_text(json.dumps(decoded, indent=2))
+        entry = results["control"][str(strength)]
+        print(
+            f"k = {strength}: success {result['mean_success']:.3f}, win rate {result['mean_win_rate']:.3f}, "
+            f"base-LM perplexity {entry['fluency']}, repetition {entry['repetition']}"
+        )
     return results
 
 

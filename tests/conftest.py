@@ -1,4 +1,6 @@
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,6 +82,32 @@ def tiny_model():
 
     torch.manual_seed(0)
     return CVAELlamaForCausalLM(tiny_cvae_config())
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    """A folder with a tiny random Llama and SmolLM2's tokenizer: what the experiment scripts take as a base LM."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from cvae_llama.pretrained import smollm2_path
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    folder = tmp_path_factory.mktemp("tiny-lm")
+    config = tiny_llama_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_experiment(name: str):
+    """Import `experiments/<name>.py` as the module `name`."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ from cvae_llama.evaluation import (
     diversity_metrics,
     evaluation_report,
     fed_style_score,
+    fit_logistic_regression,
     follow_up_nll,
     importance_weighted_nll,
     in_group_active_units,
@@ -529,6 +530,21 @@ def test_control_success_is_one_when_the_latent_encodes_the_label():
     assert result["success"] == [1.0] * num_labels and result["mean_success"] == 1.0
     # a text already of the target label cannot win (strictly greater probability): 3 of 4 win
     assert result["win_rate"] == [0.75] * num_labels
+
+
+def test_logistic_regression_standardises_on_the_training_rows_and_separates_the_labels():
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.arange(3).repeat(20)
+    # the label lives in dimension 1 (an offset of 4 per label) under a large constant and noisy dimensions
+    features = torch.randn(60, 4, generator=generator) + 100.0
+    features[:, 1] += 4.0 * targets
+    head, mean, std, loss = fit_logistic_regression(features, targets, slice(0, 40), num_labels=3)
+    torch.testing.assert_close(mean, features[:40].mean(0))
+    torch.testing.assert_close(std, features[:40].std(0, correction=0))
+    assert not head.weight.requires_grad and head.weight.shape == (3, 4)
+    assert (head((features[40:] - mean) / std).argmax(-1) == targets[40:]).float().mean() >= 0.9  # chance 1/3
+    assert head.weight[:, 1].abs().sum() > 3 * head.weight[:, [0, 2, 3]].abs().sum(0).max()
+    assert 0 < loss < math.log(3)
 
 
 def test_label_probe_and_control_on_a_tiny_model(model, tokenizer):

@@ -279,6 +279,11 @@ def test_training_arguments_parse_from_the_command_line(tmp_path):
     assert (defaults.objective, defaults.kl_weight, defaults.dg_samples) == ("dg", 1.0, 16)
     assert defaults.reconstruction_reduction == "sequence"
     assert defaults.remove_unused_columns is False
+    # the bag-of-words loss: on by default for objective bow only, and addable to any objective
+    assert defaults.bow_weight == 0.0
+    assert CVAETrainingArguments(output_dir=str(tmp_path), objective="bow").bow_weight == 1.0
+    assert CVAETrainingArguments(output_dir=str(tmp_path), objective="bow", bow_weight=0.0).bow_weight == 0.0
+    assert CVAETrainingArguments(output_dir=str(tmp_path), bow_weight=3.0).bow_weight == 3.0
 
 
 def test_training_arguments_reject_an_unknown_objective_on_the_command_line(tmp_path):

@@ -1,43 +1,14 @@
 """`experiments/replicate.py --quick`: the paper-comparison script end to end (sample, train two rows, evaluate,
 tables and plots) on a tiny random Llama with SmolLM2's tokenizer and real AG News prompts, so that it cannot rot."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer, LlamaForCausalLM
-
-from conftest import tiny_llama_config
-
-
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "replicate.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("replicate", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["replicate"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory) -> Path:
-    from cvae_llama.pretrained import smollm2_path
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    folder = tmp_path_factory.mktemp("tiny-lm")
-    config = tiny_llama_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+from conftest import load_experiment
 
 
 def test_quick_mode_runs_every_step_and_writes_the_tables(tiny_lm, shared_data, tmp_path):
-    replicate = load_script()
+    replicate = load_experiment("replicate")
     output = tmp_path / "replicate"
     argv = ["--quick", "--output_dir", str(output), "--model_name_or_path", str(tiny_lm), "--data_root",
             str(shared_data), "--jobs", "1"]
@@ -69,7 +40,7 @@ def test_quick_mode_runs_every_step_and_writes_the_tables(tiny_lm, shared_data, 
 
 
 def test_bad_arguments_are_refused(capsys):
-    replicate = load_script()
+    replicate = load_experiment("replicate")
     with pytest.raises(SystemExit):
         replicate.parse_args(["--output_dir", "x", "--rows", "nonsense"])
     assert "invalid choice: 'nonsense'" in capsys.readouterr().err
@@ -79,7 +50,7 @@ def test_bad_arguments_are_refused(capsys):
 
 
 def test_quick_dailydialog_scores_against_the_human_responses(tiny_lm, shared_data, tmp_path):
-    replicate = load_script()
+    replicate = load_experiment("replicate")
     output = tmp_path / "replicate"
     summaries = replicate.main(["--quick", "--datasets", "dailydialog", "--output_dir", str(output),
                                 "--model_name_or_path", str(tiny_lm), "--data_root", str(shared_data), "--jobs", "1"])

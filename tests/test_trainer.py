@@ -95,9 +95,20 @@ def test_each_objective_trains_logs_every_term_and_saves(tokenizer, tmp_path, ob
     assert math.isfinite(metrics["eval_loss"])
 
 
+def test_bow_weight_adds_the_bag_of_words_to_the_density_gap(tokenizer, tmp_path):
+    trainer = train(tokenizer, tmp_path, objective="dg", bow_weight=2.0, save_strategy="steps", save_steps=3)
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(math.isfinite(entry["bow_loss"]) and entry["bow_loss"] > 0 for entry in logs)
+    assert "bow_head.to_vocab.weight" in load_file(tmp_path / "checkpoint-3" / "model.safetensors")
+    plain = train(tokenizer, tmp_path / "plain", objective="dg", max_steps=1)
+    assert getattr(plain.model, "bow_head", None) is None
+    assert all("bow_loss" not in entry for entry in plain.state.log_history)
+
+
 @pytest.mark.parametrize("reduction", ["sequence", "token"])
 def test_loss_is_the_objective_computed_directly(tokenizer, tmp_path, reduction):
-    """compute_loss on one batch == reconstruction + beta * regulariser (+ bow), from the model's own outputs."""
+    """compute_loss on one batch == reconstruction + beta * regulariser + bow_weight * bag of words, from the model's
+    own outputs."""
     groups = build_groups()
     batch = OneToManyCollator(tokenizer, 8, 8)([groups[0], groups[1]])
     model_inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
@@ -134,9 +145,10 @@ def test_loss_is_the_objective_computed_directly(tokenizer, tmp_path, reduction)
         elif objective == "optimus":
             regulariser = 0.7 * beta_schedule * free_bits_kl(mean, logvar, 0.3, group_ids)
         else:
-            bow = bag_of_words_nll(model.bow_head(outputs.latent), batch["labels"]) / num_tokens
-            regulariser = 0.7 * kl.mean() + 0.5 * bow
-        torch.testing.assert_close(loss, reconstruction + regulariser, msg=objective)
+            regulariser = 0.7 * kl.mean()
+        # bow_weight adds the bag-of-words loss to any objective
+        bow = bag_of_words_nll(model.bow_head(outputs.latent), batch["labels"]) / num_tokens
+        torch.testing.assert_close(loss, reconstruction + regulariser + 0.5 * bow, msg=objective)
 
 
 def test_bow_head_is_part_of_the_forward_and_can_be_removed(tokenizer):
@@ -176,9 +188,10 @@ def test_dg_grouping_auto_follows_the_data(tokenizer, tmp_path):
     texts = unconditional_rows(Dataset.from_dict({"text": [" ".join(sentence.split()[:4]) for sentence in SENTENCES]}))
     trainer = train(tokenizer, tmp_path / "texts", dataset=texts, per_device_train_batch_size=4)
     assert trainer.dg_grouping == "batch"
-    assert all(
-        math.isfinite(entry["dg"]) and entry["dg"] > 0 for entry in trainer.state.log_history if "loss" in entry
-    )
+    for entry in (entry for entry in trainer.state.log_history if "loss" in entry):
+        assert math.isfinite(entry["dg"]) and entry["dg"] > 0
+        # MI and active units over the batch (every row is a group of one, which has no spread)
+        assert entry["mutual_info"] > 0 and entry["active_units"] > 0, entry
     with pytest.raises(ValueError, match="every group would have 1 response"):  # asked for per-prompt DG: refused
         train(tokenizer, tmp_path / "refused", dataset=texts, dg_grouping="group")
 

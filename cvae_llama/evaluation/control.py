@@ -102,6 +102,42 @@ def mean_pooled_hidden_states(
     return torch.cat(features)
 
 
+def fit_logistic_regression(
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    train_rows: torch.Tensor | slice,
+    num_labels: int,
+    weight_decay: float = 1e-2,
+    max_iterations: int = 200,
+    seed: int = 0,
+) -> tuple[nn.Linear, torch.Tensor, torch.Tensor, float]:
+    """Multinomial logistic regression on `features[train_rows]`: standardised with those rows' statistics, fitted
+    with full-batch L-BFGS on cross-entropy + `weight_decay` * ||W||^2 from zero weights (a convex problem).
+
+    Returns:
+        `(head, feature_mean, feature_std, final_loss)`: the `nn.Linear` acts on `(features - mean) / std`.
+    """
+    feature_mean = features[train_rows].mean(0)
+    feature_std = features[train_rows].std(0, correction=0).clamp(min=1e-6)
+    standardised = (features[train_rows] - feature_mean) / feature_std
+    torch.manual_seed(seed)
+    head = nn.Linear(features.shape[1], num_labels)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=max_iterations, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(head(standardised), targets[train_rows])
+        loss = loss + weight_decay * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        final_loss = optimizer.step(closure).item()
+    return head.requires_grad_(False), feature_mean, feature_std, final_loss
+
+
 def train_label_probe(
     llm,
     tokenizer,
@@ -116,9 +152,9 @@ def train_label_probe(
 ) -> LabelProbe:
     """Train a logistic-regression label probe on the LM's mean-pooled hidden states of `texts`.
 
-    The features are computed once (the LM stays frozen), standardised with the training split's statistics, and
-    the linear head is fitted with full-batch L-BFGS on cross-entropy + `weight_decay` * ||W||^2 (torch). A random
-    `held_out_fraction` of the texts (at least one) is kept out and gives `held_out_accuracy`.
+    The features are computed once (the LM stays frozen) and the head is [`fit_logistic_regression`]'s on the
+    training split. A random `held_out_fraction` of the texts (at least one) is kept out and gives
+    `held_out_accuracy`.
 
     Args:
         llm: the base causal LM (e.g. [`decoder_as_causal_lm`] of a frozen-decoder CVAE).
@@ -150,32 +186,17 @@ def train_label_probe(
     order = torch.randperm(len(texts), generator=generator)
     num_held_out = min(max(1, round(held_out_fraction * len(texts))), len(texts) - 1)
     held_out, train = order[:num_held_out], order[num_held_out:]
-    feature_mean = features[train].mean(0)
-    feature_std = features[train].std(0, correction=0).clamp(min=1e-6)
+    head, feature_mean, feature_std, final_loss = fit_logistic_regression(
+        features, targets, train, len(label_values), weight_decay, max_iterations, seed
+    )
     standardised = (features - feature_mean) / feature_std
-
-    torch.manual_seed(seed)
-    head = nn.Linear(features.shape[1], len(label_values))
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=max_iterations, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(head(standardised[train]), targets[train])
-        loss = loss + weight_decay * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        final_loss = optimizer.step(closure).item()
     with torch.no_grad():
         predictions = head(standardised).argmax(-1)
     accuracy = lambda rows: (predictions[rows] == targets[rows]).float().mean().item()  # noqa: E731
     return LabelProbe(
         llm=llm,
         tokenizer=tokenizer,
-        head=head.requires_grad_(False),
+        head=head,
         feature_mean=feature_mean,
         feature_std=feature_std,
         label_values=label_values,
@@ -340,6 +361,7 @@ __all__ = [
     "CONTROL_STRENGTH",
     "LabelProbe",
     "control_success",
+    "fit_logistic_regression",
     "label_directions",
     "latent_guided_control",
     "mean_pooled_hidden_states",

@@ -42,8 +42,10 @@ class CVAETrainingArguments(TrainingArguments):
             What the density gap aggregates: `"group"` (the responses of one prompt, the paper's), `"batch"` (all
             rows of a micro-batch as one group: a plain VAE over unconditional text, every row its own example) or
             `"auto"`: `"group"` when the training data have groups of at least 2 responses, else `"batch"`.
-        bow_weight (`float`, defaults to 1.0):
-            Weight of the bag-of-words loss of `"bow"` (a token-level mean, as in the authors' code).
+        bow_weight (`float`, *optional*):
+            Weight of the bag-of-words loss (a token-level mean, as in the authors' code), added to any objective:
+            a head on z predicts every token of the response, so z has to carry its content words. Default: 1.0
+            with `objective="bow"` (KL + bag of words), 0 (no head) otherwise.
         reconstruction_reduction (`str`, defaults to `"sequence"`):
             `"sequence"`: the NLL of each response summed over its tokens, averaged over the step's responses: the
             ELBO's reconstruction term, and what the authors' code does (`cross_entropy(...).sum(-1).mean()`).
@@ -101,7 +103,13 @@ class CVAETrainingArguments(TrainingArguments):
             "choices": list(DG_GROUPINGS),
         },
     )
-    bow_weight: float = field(default=1.0, metadata={"help": "Weight of the bag-of-words loss (objective bow)."})
+    bow_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of the bag-of-words loss, added to any objective (> 0 attaches the head); default 1.0 "
+            "with objective bow, else 0."
+        },
+    )
     reconstruction_reduction: str = field(
         default="sequence",
         metadata={
@@ -146,6 +154,8 @@ class CVAETrainingArguments(TrainingArguments):
             raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.dg_grouping not in DG_GROUPINGS:
             raise ValueError(f"`dg_grouping` must be one of {DG_GROUPINGS}, got {self.dg_grouping!r}")
+        if self.bow_weight is None:
+            self.bow_weight = 1.0 if self.objective == "bow" else 0.0
         if self.reconstruction_reduction not in RECONSTRUCTION_REDUCTIONS:
             raise ValueError(
                 f"`reconstruction_reduction` must be one of {RECONSTRUCTION_REDUCTIONS}, got "

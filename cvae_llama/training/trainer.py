@@ -42,7 +42,7 @@ from .objectives import (
 
 logger = logging.get_logger(__name__)
 
-# The terms every training log carries (plus `bow_loss` with objective="bow").
+# The terms every training log carries (plus `bow_loss` when `bow_weight` > 0).
 LOGGED_TERMS = ("reconstruction_loss", "nll_per_token", "kl", "dg", "beta", "mutual_info", "active_units")
 
 
@@ -62,10 +62,12 @@ class CVAETrainer(Trainer):
 
     Every term is logged with the `Trainer`'s logs (`trainer_state.json`'s `log_history`, the progress bar and any
     `report_to`): `reconstruction_loss` (the objective's term), `nll_per_token`, `kl` (sum over dimensions of KL to
-    N(0, I)), `dg`, `beta`, `mutual_info`, `active_units` (at `active_units_threshold`), and `bow_loss` with
-    `objective="bow"`: each is the mean over the optimizer steps since the last log of the step's mean over groups.
+    N(0, I)), `dg`, `beta`, `mutual_info`, `active_units` (at `active_units_threshold`), and `bow_loss` when
+    `bow_weight` > 0: each is the mean over the optimizer steps since the last log of the step's mean over groups.
     `kl`, `dg`, `mutual_info` and `active_units` are the functions of `cvae_llama.latent_statistics` that the
-    evaluation reports call too, computed whatever the objective (without gradient when it is not theirs).
+    evaluation reports call too, computed whatever the objective (without gradient when it is not theirs);
+    `mutual_info` and `active_units` measure the spread inside the density gap's groups (the micro-batch with
+    `dg_grouping="batch"`).
 
     Multi-GPU, FSDP and DeepSpeed: launch as any `Trainer` script (`torchrun`, `accelerate launch`); the step's
     totals are gathered across processes (`average_tokens_across_devices`, on by default). One process driving
@@ -75,8 +77,8 @@ class CVAETrainer(Trainer):
     raise a `ValueError` instead of giving a NaN loss.
 
     When `model.config.decoder_mode == "lora"` and `model` is not a `PeftModel` yet, the trainer wraps it with
-    [`apply_lora`] (settings from `args.lora_*`); with `objective="bow"` it attaches the bag-of-words head first
-    (`model.bow_head`).
+    [`apply_lora`] (settings from `args.lora_*`); with `bow_weight` > 0 (the default of `objective="bow"`) it attaches
+    the bag-of-words head first (`model.bow_head`).
 
     Args:
         model ([`CVAELlamaForCausalLM`] or a `PeftModel` of one): the CVAE.
@@ -124,10 +126,11 @@ class CVAETrainer(Trainer):
                 "authors train it at 1e-5: set pretrained_learning_rate (e.g. 1e-5) to keep the LLM intact",
                 args.learning_rate,
             )
-        if args.objective == "bow":
+        if args.bow_weight > 0:
             if isinstance(model, PeftModel) and getattr(cvae, "bow_head", None) is None:
                 raise ValueError(
-                    "objective='bow' needs the bag-of-words head among the adapter's saved modules: pass the plain "
+                    f"bow_weight={args.bow_weight} (objective={args.objective!r}) needs the bag-of-words head among "
+                    "the adapter's saved modules: pass the plain "
                     "CVAELlamaForCausalLM with decoder_mode='lora' and let the trainer apply LoRA"
                 )
             attach_bow_head(cvae)
@@ -318,9 +321,9 @@ class CVAETrainer(Trainer):
         loss = reconstruction + beta * regulariser
 
         terms = {}
-        if args.objective == "bow":
+        if args.bow_weight > 0:
             if "bow_logits" not in outputs:
-                raise ValueError("objective='bow' but the model has no bag-of-words head (see attach_bow_head)")
+                raise ValueError(f"bow_weight={args.bow_weight} but the model has no bag-of-words head (see attach_bow_head)")
             bow_loss = bag_of_words_nll(outputs["bow_logits"], labels) / step_tokens
             loss = loss + args.bow_weight * bow_loss
             terms["bow_loss"] = bow_loss
@@ -344,13 +347,15 @@ class CVAETrainer(Trainer):
         """The logged `kl`, `dg`, `mutual_info` and `active_units` of a micro-batch, as its shares of the step's means
         over groups (`cvae_llama.latent_statistics`, as the evaluation computes them); the objective's own term is
         logged as it entered the loss."""
-        mean, logvar, group_ids = posterior.latent_mean, posterior.latent_logvar, posterior.group_ids
+        mean, logvar = posterior.latent_mean, posterior.latent_logvar
         threshold = self.args.active_units_threshold
         return {
             "kl": regulariser if regularise is kl_term else kl_term(posterior, self.args),
             "dg": regulariser if regularise is density_gap_term else density_gap_term(posterior, self.args),
-            "mutual_info": mutual_information(mean, logvar, group_ids) * posterior.group_share,
-            "active_units": active_units(mean, group_ids, threshold) * posterior.group_share,
+            # over the density gap's groups: each prompt's responses, or the micro-batch for unconditional text (where
+            # every row is its own group, of one response, which has no spread to measure)
+            "mutual_info": mutual_information(mean, logvar, posterior.dg_group_ids) * posterior.dg_share,
+            "active_units": active_units(mean, posterior.dg_group_ids, threshold) * posterior.dg_share,
         }
 
 
