@@ -323,7 +323,9 @@ class CVAETrainer(Trainer):
         terms = {}
         if args.bow_weight > 0:
             if "bow_logits" not in outputs:
-                raise ValueError(f"bow_weight={args.bow_weight} but the model has no bag-of-words head (see attach_bow_head)")
+                raise ValueError(
+                    f"bow_weight={args.bow_weight} but the model has no bag-of-words head (see attach_bow_head)"
+                )
             bow_loss = bag_of_words_nll(outputs["bow_logits"], labels) / step_tokens
             loss = loss + args.bow_weight * bow_loss
             terms["bow_loss"] = bow_loss
