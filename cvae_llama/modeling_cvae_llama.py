@@ -257,9 +257,9 @@ class ZeroInitLinear(nn.Linear):
 
 
 class CVAELlamaPosteriorNorm(nn.BatchNorm1d):
-    """Batch normalisation of the posterior means, `(batch, latent_size)` (BN-VAE, Zhu et al., 2020). Evaluation, and
-    a training batch of one row (which has no variance to normalise by), use the running statistics. `statistics`
-    says what training normalises with (a training batch is often one prompt's group):
+    """Batch normalisation of the posterior means, `(batch, latent_size)` (BN-VAE, Zhu et al., 2020). Evaluation uses
+    the running statistics; `statistics` says what training normalises with (a training batch is often one prompt's
+    group):
 
     - `"running_mean"`: centred on the running mean, scaled by the batch's own spread, mu_hat = (mu - mu_run) /
       sigma_B. Every batch (group) spreads with unit variance, and its offset from the running mean reaches the
@@ -277,6 +277,11 @@ class CVAELlamaPosteriorNorm(nn.BatchNorm1d):
 
     With `"running_mean"` and `"running"` the running statistics are updated with the batch before it is normalised
     (its weight 1 / batches seen, `momentum` at least), so the first batch uses its own statistics.
+
+    A training batch of one row has no spread to normalise by and is refused: its running statistics, which no
+    batch of one row updates, would make the norm the identity and the latent dead. Pooling a step's micro-batches'
+    statistics without their gradient does not work either (measured, issue 25 in experiments/README.md): batch
+    norm's gradient removes the part of the encoder's gradient common to the batch, which otherwise dominates.
     """
 
     def __init__(self, num_features: int, statistics: str = "batch"):
@@ -285,8 +290,13 @@ class CVAELlamaPosteriorNorm(nn.BatchNorm1d):
 
     def forward(self, latent_mean: torch.Tensor) -> torch.Tensor:
         if self.training and latent_mean.shape[0] == 1:
-            return nn.functional.batch_norm(
-                latent_mean, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            raise ValueError(
+                "posterior_batch_norm=True normalises each latent dimension over the training batch, but this batch "
+                "has 1 row (per_device_train_batch_size=1 on data of one text per example?): its running statistics "
+                "would make the norm the identity and the latent would not train. Give each device batch several "
+                "rows (e.g. per_device_train_batch_size=16, with fewer gradient_accumulation_steps), train on "
+                "one-to-many data (a batch is a group of responses), or build the model with "
+                "posterior_batch_norm=False (then use objective='dg' or free bits against collapse)"
             )
         if not self.training or self.statistics == "batch":
             return super().forward(latent_mean)
@@ -526,6 +536,21 @@ class CVAELlamaLatentSkip(nn.Module):
         return self.norm(self.to_hidden(latent_samples)).mean(dim=0)
 
 
+def _refuse_training_without_the_latent(decoder: nn.Module, args: tuple, kwargs: dict) -> None:
+    """A forward pre-hook of the CVAE's decoder (`model.model`): in training, with gradients, the decoder runs only
+    inside the CVAE's forward, which passes it the latent memory. A caller that runs the backbone alone (trl's fused
+    LM head in `SFTTrainer` and `DPOTrainer` does: it replaces `model.forward` with `model.base_model` + a chunked
+    log-softmax) would train the LLM without the latent, and the encoder would get no gradient at all."""
+    if decoder.training and torch.is_grad_enabled() and "latent_memory" not in kwargs:
+        raise RuntimeError(
+            "the CVAE's decoder (model.model) was called on its own in training, without the latent: the encoder "
+            "and the latent would get no gradient. trl's SFTTrainer / DPOTrainer do this (their fused LM head "
+            "replaces model.forward). Train with cvae_llama's CVAETrainer, with transformers.Trainer and `labels` "
+            "(the loss is the negative ELBO), or give SFTTrainer `compute_loss_func=cvae_llama.trl_loss_func` (see "
+            "the README's 'Training with trl')."
+        )
+
+
 class CVAELlamaPreTrainedModel(PreTrainedModel):
     config_class = CVAELlamaConfig
     config: CVAELlamaConfig
@@ -600,6 +625,7 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
         self.model = DECODER_ARCHITECTURES[config.base_model_type].model(config)
         for layer in self.model.layers:  # the decoder's attention finds the latent-memory wrapper of its function
             layer.self_attn.config = _LatentMemoryAttentionConfig(config)
+        self.model.register_forward_pre_hook(_refuse_training_without_the_latent, with_kwargs=True)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.encoder = CVAELlamaPosteriorEncoder(config)
         self.latent_memory = CVAELlamaLatentMemory(config) if config.uses_memory else None

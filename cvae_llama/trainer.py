@@ -21,9 +21,11 @@ from .training.objectives import (
     remove_bow_head,
 )
 from .training.trainer import LOGGED_TERMS, CVAETrainer
+from .training.trl_loss import trl_loss_func
 
 
 __all__ = [
+    "trl_loss_func",
     "CVAEBagOfWordsHead",
     "CVAETrainer",
     "CVAETrainingArguments",

@@ -19,7 +19,7 @@ from itertools import islice
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers import PreTrainedTokenizerBase, Trainer
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
 from transformers.utils import logging
 
 from ..data.collator import OneToManyCollator
@@ -44,6 +44,30 @@ logger = logging.get_logger(__name__)
 
 # The terms every training log carries (plus `bow_loss` when `bow_weight` > 0).
 LOGGED_TERMS = ("reconstruction_loss", "nll_per_token", "kl", "dg", "beta", "mutual_info", "active_units")
+# How many of the latest training posterior means `posterior_mean_spread` and the collapse warning look at.
+RECENT_MEANS = 256
+
+
+class LatentGradientCheck(TrainerCallback):
+    """Warns once when the first optimizer step after warm-up finds no gradient in any trainable parameter of the
+    posterior encoder: whatever the loss does, the latent is not being trained (the path from the loss to z is cut)."""
+
+    def __init__(self, enabled: bool = True):
+        self.checked = not enabled  # DeepSpeed's ZeRO keeps the gradients out of `.grad`: nothing to check
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.checked or model is None or state.global_step < args.get_warmup_steps(state.max_steps):
+            return
+        self.checked = True
+        encoder = [p for name, p in model.named_parameters() if ".encoder." in f".{name}" and p.requires_grad]
+        if encoder and all(p.grad is None or not p.grad.any() for p in encoder):
+            logger.warning(
+                "no gradient reached the posterior encoder at step %d (%d trainable tensors, all zero or None): the "
+                "latent is not being trained. Check that the loss is the model's own (CVAETrainer, or Trainer with "
+                "`labels`) and that nothing runs the decoder without the latent",
+                state.global_step + 1,
+                len(encoder),
+            )
 
 
 class CVAETrainer(Trainer):
@@ -166,6 +190,10 @@ class CVAETrainer(Trainer):
         self._step_counts: torch.Tensor | None = None  # (scored tokens, responses, groups, units) of the step
         self._term_sums: dict[str, torch.Tensor] = {}
         self._terms_logged_step = 0
+        # the latest training posterior means (no gradient), newest first: their spread is logged, batch size aside
+        self._recent_means: torch.Tensor | None = None
+        self._warned_collapse = False
+        self.add_callback(LatentGradientCheck(enabled=not self.is_deepspeed_enabled))
         # what the density gap aggregates: "group" or "batch"
         self.dg_grouping = resolve_dg_grouping(self.args, train_dataset, self.data_collator)
         if train_dataset is not None:
@@ -261,7 +289,31 @@ class CVAETrainer(Trainer):
             logs.update({key: value / steps for key, value in zip(keys, values.tolist(), strict=True)})
             self._term_sums = {}
             self._terms_logged_step = self.state.global_step
+            if self._recent_means is not None and self._recent_means.shape[0] > 1:
+                self._log_posterior_spread(logs)
         super().log(logs, start_time)
+
+    def _log_posterior_spread(self, logs: dict[str, float]) -> None:
+        """`posterior_mean_spread`: the mean over dimensions of the standard deviation of the latest training
+        posterior means (up to `RECENT_MEANS` rows, whatever the batch size), and a warning, once, when after warm-up
+        no dimension's means vary by more than `active_units_threshold`: the latent says the same about every text."""
+        variance = self._recent_means.var(0)
+        logs["posterior_mean_spread"] = variance.sqrt().mean().item()
+        active = int((variance > self.args.active_units_threshold).sum())
+        if not self._warned_collapse and active == 0 and self.state.global_step > self.args.get_warmup_steps(
+            self.state.max_steps
+        ):
+            self._warned_collapse = True
+            logger.warning(
+                "the latent has collapsed at step %d: over the last %d training texts no latent dimension's posterior "
+                "mean varies by more than active_units_threshold=%g (spread %.3g), so z tells the decoder nothing "
+                "about the text. Remedies: objective='dg' (one-to-many data) or free bits, posterior_batch_norm=True, "
+                "a larger learning rate for the new modules",
+                self.state.global_step,
+                self._recent_means.shape[0],
+                self.args.active_units_threshold,
+                logs["posterior_mean_spread"],
+            )
 
     # ------------------------------------------------------------------------------------------ the loss
     def current_beta(self) -> float:
@@ -333,6 +385,10 @@ class CVAETrainer(Trainer):
 
         if model.training:
             with torch.no_grad():
+                recent = outputs.latent_mean.detach().float()
+                if self._recent_means is not None:
+                    recent = torch.cat([recent, self._recent_means.to(recent.device)])
+                self._recent_means = recent[:RECENT_MEANS]
                 terms.update(
                     reconstruction_loss=reconstruction,
                     nll_per_token=nll_sum / step_tokens,
@@ -361,4 +417,4 @@ class CVAETrainer(Trainer):
         }
 
 
-__all__ = ["LOGGED_TERMS", "CVAETrainer"]
+__all__ = ["LOGGED_TERMS", "CVAETrainer", "LatentGradientCheck"]
