@@ -28,7 +28,7 @@ setup(
     # the Hub model card template (cvae_llama/model_card.md links to the one at the root), for `cvae-llama export`
     package_data={"cvae_llama": ["model_card.md"]},
     python_requires=">=3.10",
-    # Tested range: transformers 5.24 (the 5.x line current on PyPI), torch 2.13.
+    # Tested range: transformers 5.24 and 5.25 (the 5.x line current on PyPI), torch 2.13.
     install_requires=[
         "torch>=2.6",
         "transformers>=5.24,<6",

@@ -159,7 +159,8 @@ def test_bow_head_is_part_of_the_forward_and_can_be_removed(tokenizer):
     assert attach_bow_head(model) is head  # attached once
     torch.testing.assert_close(head.to_vocab.weight, model.lm_head.weight)  # a copy of the LM head
     assert head.to_vocab.weight.data_ptr() != model.lm_head.weight.data_ptr()
-    input_ids = torch.tensor([[1, 5, 9, 12, 7]])
+    # two rows: in training the posterior batch norm refuses a batch of one
+    input_ids = torch.tensor([[1, 5, 9, 12, 7], [1, 8, 4, 3, 11]])
     output = model(input_ids=input_ids, labels=input_ids)
     torch.testing.assert_close(output["bow_logits"], head(output.latent))
     assert "bow_logits" not in model(input_ids=input_ids)  # no labels: no bag of words

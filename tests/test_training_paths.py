@@ -213,3 +213,20 @@ def test_the_trainer_warns_when_the_latent_is_collapsed_or_gets_no_gradient(toke
     messages = records.messages
     assert sum("no gradient reached the posterior encoder" in m for m in messages) == 1
     assert sum("the latent has collapsed" in m for m in messages) == 1  # once, not at every log
+
+
+def test_dpo_trainer_is_refused_with_the_reason(tokenizer, tmp_path):
+    """DPO scores sequences through trl's fused LM head too (the decoder alone, no z): refused, not a silent DPO of
+    the LLM inside the CVAE. (DPOTrainer loads its reference model from the model's folder.)"""
+    from trl import DPOConfig, DPOTrainer
+
+    from cvae_llama import CVAELlamaForCausalLM
+
+    build_model(tokenizer).save_pretrained(tmp_path / "cvae")
+    model = CVAELlamaForCausalLM.from_pretrained(tmp_path / "cvae")
+    pairs = Dataset.from_dict({"prompt": ["the cat", "the team"], "chosen": [" sat on the mat", " won the final game"],
+                               "rejected": [" ran in the park", " fell as markets opened"]})  # fmt: skip
+    args = DPOConfig(**common_arguments(tmp_path / "dpo", "batch4", False, 1) | {"per_device_train_batch_size": 2})
+    trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer)
+    with pytest.raises(RuntimeError, match="SFTTrainer / DPOTrainer do this"):
+        trainer.train()

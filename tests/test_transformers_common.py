@@ -101,11 +101,11 @@ class CVAELlamaModelTester:
         return self.get_config(), {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def _tp_backward_impl(rank, model_path, model_class, atol, rtol):
+def _tp_backward_impl(rank, model_path, model_class, atol, rtol, tp_plan=None):
     """transformers' `_test_tp_backward_impl` with each forward seeded alike: in training the CVAE draws its latent
     from the posterior (and G-Skip's samples), so the TP and the reference model must draw the same noise."""
     dist = torch.distributed
-    model_tp, model, device = tensor_parallel._load_tp_and_reference_models(model_path, model_class)
+    model_tp, model, device = tensor_parallel._load_tp_and_reference_models(model_path, model_class, tp_plan)
     model_tp.train()
     model.train()
     common.set_seed(0)
@@ -218,6 +218,14 @@ class CVAELlamaModelTest(
     def test_tp_backward(self):
         self._skip_if_not_supported()
         self._run_tp(_tp_backward_impl, self.tensor_parallel_atol, self.tensor_parallel_rtol)
+
+    def test_tp_unit_plan_forward_backward(self):
+        """transformers' test (since 5.25: `unit_colwise` / `unit_rowwise` attention plans) with its backward check
+        seeded alike, as `test_tp_backward`."""
+        if not hasattr(tensor_parallel.TensorParallelTesterMixin, "test_tp_unit_plan_forward_backward"):
+            self.skipTest("transformers before 5.25 has no unit-plan TP test")
+        with patch.object(tensor_parallel, "_test_tp_backward_impl", _tp_backward_impl):
+            super().test_tp_unit_plan_forward_backward()
 
     @tensor_parallel.is_tensor_parallel_test
     def test_tp_generation(self):
