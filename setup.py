@@ -48,6 +48,8 @@ setup(
             "matplotlib>=3.8",
         ],
         "demo": ["gguf>=0.10"],
+        # `cvae-llama explore`: the Gradio page (tested with gradio 6.31), its posterior plot and reconstruction scores
+        "app": ["gradio>=6,<7", "matplotlib>=3.8", "sacrebleu>=2.4", "rouge-score>=0.1.2"],
         "test": [
             "pytest>=8",
             "hypothesis>=6",
@@ -62,6 +64,11 @@ setup(
             "tensorboard",
             # tests/test_training_paths.py: trl's SFTTrainer, with the CVAE's loss (trl_loss_func) and refused without
             "trl>=1.16,<2",
+            # tests/test_lm_eval_harness.py: the harness' `hf` backend scores a saved CVAE folder
+            "lm_eval>=0.4.13,<0.5",
+            # tests/test_explore.py: the explorer's page, driven through gradio_client
+            "gradio>=6,<7",
+            "gradio_client>=2,<3",
         ],
     },
     entry_points={"console_scripts": ["cvae-llama=cvae_llama.cli:main"]},

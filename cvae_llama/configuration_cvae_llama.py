@@ -12,6 +12,7 @@ SKIP_CONNECTIONS = ("gskip", "skip", "none")
 DECODER_MODES = ("frozen", "full", "lora")
 POSTERIOR_POOLINGS = ("mean", "queries")
 POSTERIOR_NORM_STATISTICS = ("batch", "running_mean", "running")
+MEMORY_ATTENTIONS = ("joint", "gated")
 CVAE_FIELDS = (
     "latent_size",
     "num_latent_queries",
@@ -24,6 +25,7 @@ CVAE_FIELDS = (
     "posterior_batch_norm",
     "posterior_norm_statistics",
     "posterior_pooling",
+    "memory_attention",
 )
 # The allowed values of the CVAE fields that take a name (checked by `validate_cvae`; the command line's choices).
 CVAE_FIELD_CHOICES = {
@@ -32,6 +34,7 @@ CVAE_FIELD_CHOICES = {
     "decoder_mode": DECODER_MODES,
     "posterior_pooling": POSTERIOR_POOLINGS,
     "posterior_norm_statistics": POSTERIOR_NORM_STATISTICS,
+    "memory_attention": MEMORY_ATTENTIONS,
 }
 # The decoder architectures a CVAE can wrap (`base_model_type`, the wrapped LLM's `model_type`), with their configs.
 BASE_CONFIG_CLASSES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
@@ -44,6 +47,7 @@ CVAE_FIELDS_ADDED_LATER = {
     "posterior_batch_norm": False,
     "posterior_pooling": "queries",
     "posterior_norm_statistics": "batch",
+    "memory_attention": "joint",
 }
 
 
@@ -102,6 +106,13 @@ class CVAELlamaConfig(LlamaConfig):
             tokens but the first, which holds an LLM's massive activations), or `"queries"`, the states of
             `num_latent_queries` learned queries appended to the input (the paper's; their states barely differ from
             one text to another at first). Folders saved before this field existed load with `"queries"`.
+        memory_attention (`str`, defaults to `"joint"`):
+            How a real token attends to the memory slots. `"joint"` (the paper's, as Optimus' memory): the slots are
+            keys in front of the text's, in one softmax, so they take attention mass from the text, and a fresh
+            CVAE does not score text as its LLM (the slots act as extra attention sinks). `"gated"` (zero-init
+            attention, LLaMA-Adapter, Zhang et al., 2024): the LLM's attention over the text, unchanged, plus
+            `g * attention over the slots` (their own softmax), with a gate `g` per layer and head that starts at
+            0: a fresh CVAE is its LLM exactly, whatever z, and the gates open as it trains.
 
     Example:
 
@@ -129,6 +140,7 @@ class CVAELlamaConfig(LlamaConfig):
     posterior_batch_norm: bool = True
     posterior_norm_statistics: str = "batch"
     posterior_pooling: str = "mean"
+    memory_attention: str = "joint"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

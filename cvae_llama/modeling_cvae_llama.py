@@ -134,19 +134,34 @@ class CVAELlamaOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
-def latent_memory_attention(module, query, key, value, attention_mask, latent_memory=None, **kwargs):
+def latent_memory_attention(
+    module, query, key, value, attention_mask, latent_memory=None, memory_gates=None, **kwargs
+):
     """Self-attention in which every real token also attends to the layer's latent memory slots.
 
     `latent_memory` is a tuple over decoder layers of `(key, value)`, each `(batch, num_key_value_heads,
     num_memory_slots, head_dim)`; the slots sit in front of the real keys like a prefix (the latent memory of Zhang et al., 2026).
-    Without it (a call without memory) this is the wrapped implementation unchanged. Only the decoder's attention
-    modules call it: their config is a [`_LatentMemoryAttentionConfig`].
+    Without it (a call without memory) this is the wrapped implementation unchanged, but for `memory_gates` (a
+    tuple over layers of `(num_attention_heads,)` gates, `memory_attention="gated"`): the slots are then the first
+    `memory_prefix_length` keys (in the cache) and [`gated_memory_attention`] reads them. Only the decoder's
+    attention modules call it: their config is a [`_LatentMemoryAttentionConfig`].
     """
     implementation = module.config._attn_implementation.removeprefix(LATENT_MEMORY_ATTENTION)
     if implementation == "eager":  # the architecture's own
         attention = DECODER_ARCHITECTURES[module.config.base_model_type].eager_attention
     else:
         attention = ALL_ATTENTION_FUNCTIONS[implementation]
+    if memory_gates is not None:
+        if latent_memory is not None:
+            memory_key, memory_value = latent_memory[module.layer_idx]
+        else:  # the slots are in the KV cache, in front of the text's keys
+            num_slots = module.config.memory_prefix_length
+            memory_key, key = key[:, :, :num_slots], key[:, :, num_slots:]
+            memory_value, value = value[:, :, :num_slots], value[:, :, num_slots:]
+            attention_mask = None if attention_mask is None else attention_mask[..., num_slots:]
+        output, weights = attention(module, query, key, value, attention_mask, **kwargs)  # the LLM's attention
+        memory_output = gated_memory_attention(module, query, memory_key, memory_value, memory_gates[module.layer_idx])
+        return output + memory_output.to(output.dtype), weights
     if latent_memory is not None:
         memory_key, memory_value = latent_memory[module.layer_idx]
         num_slots, key_length = memory_key.shape[2], key.shape[2]
@@ -172,6 +187,18 @@ def latent_memory_attention(module, query, key, value, attention_mask, latent_me
             )  # fmt: skip
             return output.transpose(1, 2).contiguous(), None
     return attention(module, query, key, value, attention_mask, **kwargs)
+
+
+def gated_memory_attention(module, query, memory_key, memory_value, gate):
+    """`memory_attention="gated"`: the part the latent memory adds to a layer's attention output,
+    `g * softmax(q K_mem^T / sqrt(head_dim)) V_mem`, with its own softmax over the slots (every slot visible to every
+    token) and a gate `g` per head that starts at 0 (zero-init attention, LLaMA-Adapter): `(batch, query_length,
+    heads, head_dim)`."""
+    memory_output = nn.functional.scaled_dot_product_attention(
+        query, memory_key.to(query.dtype), memory_value.to(query.dtype), scale=getattr(module, "scaling", None),
+        enable_gqa=query.shape[1] != memory_key.shape[1],
+    )  # fmt: skip
+    return gate.to(query.dtype)[:, None] * memory_output.transpose(1, 2)
 
 
 # Registered under private names that only the decoder's attention modules look up (through
@@ -282,6 +309,8 @@ class CVAELlamaPosteriorNorm(nn.BatchNorm1d):
     batch of one row updates, would make the norm the identity and the latent dead. Pooling a step's micro-batches'
     statistics without their gradient does not work either (measured, issue 25 in experiments/README.md): batch
     norm's gradient removes the part of the encoder's gradient common to the batch, which otherwise dominates.
+    `CVAETrainer` encodes the micro-batches of an optimizer step together instead, and passes each its rows'
+    posterior (`forward`'s `latent_mean`, `latent_logvar`).
     """
 
     def __init__(self, num_features: int, statistics: str = "batch"):
@@ -293,8 +322,9 @@ class CVAELlamaPosteriorNorm(nn.BatchNorm1d):
             raise ValueError(
                 "posterior_batch_norm=True normalises each latent dimension over the training batch, but this batch "
                 "has 1 row (per_device_train_batch_size=1 on data of one text per example?): its running statistics "
-                "would make the norm the identity and the latent would not train. Give each device batch several "
-                "rows (e.g. per_device_train_batch_size=16, with fewer gradient_accumulation_steps), train on "
+                "would make the norm the identity and the latent would not train. Train with CVAETrainer and "
+                "gradient_accumulation_steps > 1 (it encodes a step's micro-batches together), give each device "
+                "batch several rows (e.g. per_device_train_batch_size=16), train on "
                 "one-to-many data (a batch is a group of responses), or build the model with "
                 "posterior_batch_norm=False (then use objective='dg' or free bits against collapse)"
             )
@@ -442,6 +472,9 @@ class CVAELlamaLatentMemoryLayer(nn.Module):
         self.head_dim = attention.head_dim
         self.k_proj, self.v_proj = attention.k_proj, attention.v_proj
         self.k_norm = getattr(attention, "k_norm", None)
+        # memory_attention="gated": how much of the memory's own attention each head adds (0 at first)
+        gated = config.memory_attention == "gated"
+        self.gate = nn.Parameter(torch.zeros(config.num_attention_heads)) if gated else None
 
     def keys_and_values(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(batch, slots, hidden)` states -> keys and values `(batch, kv_heads, slots, head_dim)`, before RoPE."""
@@ -466,6 +499,10 @@ class CVAELlamaLatentMemory(nn.Module):
         self.layers = nn.ModuleList(
             [CVAELlamaLatentMemoryLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
+
+    def gates(self) -> tuple | None:
+        """The per-layer gates of `memory_attention="gated"` (else `None`), as the attention receives them."""
+        return None if self.layers[0].gate is None else tuple(layer.gate for layer in self.layers)
 
     def forward(self, latent: torch.Tensor, rotary_emb: nn.Module) -> tuple:
         num_slots = self.layers[0].num_memory_slots
@@ -745,6 +782,19 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             )
         return self.encoder(input_ids, attention_mask)
 
+    def _check_posterior(self, latent_mean, latent_logvar, latent, batch_size: int) -> None:
+        """Raise `ValueError` for a `latent_mean` / `latent_logvar` pair that `forward` cannot use as the posterior."""
+        if latent is not None:
+            raise ValueError("pass either latent or a posterior (latent_mean, latent_logvar), not both")
+        expected = (batch_size, self.config.latent_size)
+        for name, tensor in (("latent_mean", latent_mean), ("latent_logvar", latent_logvar)):
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != expected:
+                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else tensor
+                raise ValueError(
+                    f"{name} is {shape} but a posterior passed to forward needs latent_mean and latent_logvar, "
+                    f"each of shape {expected} (batch, latent_size)"
+                )
+
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, labels, posterior_input_ids) -> None:
         """Raise `ValueError`, naming the argument and its shape or value, for inputs `forward` cannot use."""
         if input_ids is not None:
@@ -857,6 +907,8 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
         posterior_input_ids: torch.LongTensor | None = None,
         posterior_attention_mask: torch.Tensor | None = None,
         latent_memory: tuple | None = None,
+        latent_mean: torch.FloatTensor | None = None,
+        latent_logvar: torch.FloatTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> CVAELlamaOutput:
         r"""
@@ -881,6 +933,11 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
                 The sequence the posterior encodes, when it differs from `input_ids`.
             latent_memory (`tuple`, *optional*):
                 Precomputed memory (`self.latent_memory(latent, ...)`), as `generate` passes it once per call.
+            latent_mean, latent_logvar (`torch.FloatTensor` of shape `(batch, latent_size)`, *optional*):
+                A posterior computed outside `forward` (`self.encode(...)`), used as the posterior instead of
+                encoding: `CVAETrainer` encodes all the micro-batches of an optimizer step at once, so that the
+                posterior batch norm sees the step's rows when a device batch has one. Both or neither, not with
+                `latent`.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -888,8 +945,10 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             self._check_inputs(input_ids, inputs_embeds, attention_mask, labels, posterior_input_ids)
         batch_size, sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
 
-        latent_mean = latent_logvar = None
-        if latent is None:
+        if latent_mean is not None or latent_logvar is not None:
+            self._check_posterior(latent_mean, latent_logvar, latent, batch_size)
+            latent = reparameterize(latent_mean, latent_logvar) if self.training else latent_mean
+        elif latent is None:
             if posterior_input_ids is None and (labels is not None or self.training) and input_ids is not None:
                 posterior_input_ids, posterior_attention_mask = input_ids, attention_mask
             if posterior_input_ids is not None:
@@ -951,6 +1010,8 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             inputs_embeds = _ReentrantMemoryGradient.apply(inputs_embeds, leaves, *memory)
             latent_memory = tuple(zip(leaves[0::2], leaves[1::2]))
 
+        if self.latent_memory is not None and self.latent_memory.gates() is not None:
+            kwargs["memory_gates"] = self.latent_memory.gates()
         outputs = self.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

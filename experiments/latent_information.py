@@ -87,7 +87,11 @@ VARIANTS = {
     "defaults+full": _variant({}, model={"decoder_mode": "full"}, train={"pretrained_learning_rate": 1e-5}),
     "defaults+lora": _variant({}, model={"decoder_mode": "lora"}),
     "defaults+running_mean": _variant({}, model={"posterior_norm_statistics": "running_mean"}),
-    # one text per device batch, 16 accumulation steps (issue 25): refused by the model's batch norm as it is
+    # the memory's attention in a softmax of its own, behind a gate per layer and head starting at 0 (issue 27)
+    "defaults+gated": _variant({}, model={"memory_attention": "gated"}),
+    # one text per device batch, 16 accumulation steps (issue 25): CVAETrainer encodes each step in one pass
+    "defaults+batch1x16": _variant({}, train={"per_device_train_batch_size": 1, "gradient_accumulation_steps": 16}),
+    # the candidate measured before it: the micro-batch normalised with the step's earlier means, without their gradient
     "defaults+batch1x16+pooled_norm": _variant(
         {}, train={"per_device_train_batch_size": 1, "gradient_accumulation_steps": 16}, patch=["pooled_norm"]
     ),

@@ -45,6 +45,7 @@ def test_paper_defaults():
         posterior_batch_norm=True,
         posterior_norm_statistics="batch",
         posterior_pooling="mean",
+        memory_attention="joint",
     )
 
 

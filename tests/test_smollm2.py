@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_llama_config
+from conftest import load_experiment, tiny_llama_config
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -29,8 +29,8 @@ from cvae_llama.pretrained import (
 
 
 NUM_YELP_SENTENCES = 50
-# A fresh CVAE may cost the LLM it wraps at most this factor in perplexity (see test_fresh_cvae_keeps_perplexity).
-MAX_PERPLEXITY_RATIO = 1.5
+# A fresh CVAE with gated memory attention scores text within this share of its LLM's NLL (issue 27).
+MAX_NLL_DEPARTURE = 0.01
 
 
 def assert_same_tensors(actual: dict, expected: dict, what: str):
@@ -335,36 +335,25 @@ def test_parameter_breakdown(llm, cvae_from_object, capsys):
 
 
 @pytest.mark.slow
-def test_fresh_cvae_keeps_perplexity(llm, tokenizer, cvae_from_object, yelp_sentences):
-    """A fresh CVAE conditioned on a prior latent must not wreck the LLM it wraps.
-
-    Both models score the same tokens of 50 Yelp sentences (all but each sentence's first token, which has no
-    context in the LLM). At initialisation the encoder is N(0, I) and the decoder is the LLM, so the only thing
-    that can change the LLM's predictions is the latent memory: `num_memory_slots` pseudo tokens per layer that
-    every real token attends to. Bound: perplexity at most 1.5x the LLM's, i.e. at most ln 1.5 = 0.41 nats per
-    token lost before training starts. Measured on SmolLM2-135M-Instruct (prior latents, seed 0):
-    the LLM 915; memory slots that look like the LLM's own start-of-text states 675 (0.74x); memory keys and
-    values all zero, which only dilutes attention, 2,744 (3.0x); random pseudo tokens, 106,896 (117x).
-    """
-    model = cvae_from_object.model
-    batch = tokenizer(yelp_sentences, return_tensors="pt", padding=True)
-    first_token = batch.attention_mask.cumsum(dim=-1) == 1
-    labels = batch.input_ids.masked_fill((batch.attention_mask == 0) | first_token, -100)  # padding is on the left
-    latent = model.sample_prior(len(yelp_sentences), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        llm_nll = llm(**batch, labels=labels).loss.item()
-        cvae_nll = model(**batch, labels=labels, latent=latent).reconstruction_loss.item()
-    llm_perplexity, cvae_perplexity = math.exp(llm_nll), math.exp(cvae_nll)
-    ratio = cvae_perplexity / llm_perplexity
-    print(
-        f"\nperplexity on {len(yelp_sentences)} Yelp sentences: LLM {llm_perplexity:.1f}, "
-        f"fresh CVAE (prior latent) {cvae_perplexity:.1f}, ratio {ratio:.3f}"
-    )
-    assert math.isfinite(cvae_perplexity)
-    assert ratio <= MAX_PERPLEXITY_RATIO, (
-        f"a fresh CVAE raises the LLM's perplexity from {llm_perplexity:.1f} to {cvae_perplexity:.1f} "
-        f"({ratio:.1f}x > {MAX_PERPLEXITY_RATIO}x): its latent memory at initialisation wrecks the LLM"
-    )
+@pytest.mark.parametrize("bos", [True, False], ids=["bos", "raw"])
+def test_a_fresh_gated_cvae_scores_text_as_its_llm(llm, tokenizer, yelp_sentences, bos):
+    """A fresh CVAE with `memory_attention="gated"` and z = 0 (what a scoring harness gets) scores 50 Yelp sentences
+    within 1 % of the LLM's NLL per token, after a BOS token (as lm-evaluation-harness' rolling log-likelihood sends
+    them) or alone, in one padded batch with its attention mask and one by one without a mask. (The default, joint
+    memory attention departs by +7.9 % after BOS and -0.4 % without on 100 sentences: experiments/README.md.)"""
+    scoring = load_experiment("fresh_scoring")
+    torch.manual_seed(0)
+    cvae = CVAELlamaForCausalLM.from_llm(llm, memory_attention="gated").eval()
+    rows = scoring.token_rows(tokenizer, yelp_sentences, bos)
+    for batched in (True, False):
+        llm_nll = scoring.nll_per_token(llm, rows, batched, tokenizer.pad_token_id)
+        cvae_nll = scoring.nll_per_token(cvae, rows, batched, tokenizer.pad_token_id)
+        departure = cvae_nll / llm_nll - 1
+        print(f"\n{'batch' if batched else 'one by one'}: NLL per token LLM {llm_nll:.4f}, CVAE {cvae_nll:.4f}")
+        assert abs(departure) <= MAX_NLL_DEPARTURE, (
+            f"a fresh gated CVAE scores {cvae_nll:.4f} nats per token against its LLM's {llm_nll:.4f} "
+            f"({departure:+.2%}, {'batch' if batched else 'one by one'}, bos={bos}): more than 1 % apart"
+        )
 
 
 @pytest.mark.slow

@@ -3,8 +3,9 @@ plain `transformers.Trainer` with `labels`, and trl's `SFTTrainer` (with `comput
 default fused LM head is refused), each with and without gradient checkpointing, per-device batch 1 with gradient
 accumulation and a batch of several, with and without LoRA. Every parameter that should train gets a non-zero
 gradient and moves, the frozen ones stay, and an auto-encoder learns information through z. A device batch of one
-row (one text) is refused by the posterior batch norm; for `CVAETrainer` on one-to-many data a batch of 1 is one
-group of responses, several rows, and trains."""
+row (one text) is refused by the posterior batch norm, but for `CVAETrainer` with gradient accumulation, which
+encodes a step's micro-batches together (with the gradient of the whole batch); on one-to-many data a batch of 1 is
+one group of responses, several rows, and trains."""
 
 import logging as logging_module
 import math
@@ -108,14 +109,64 @@ def test_every_trainable_parameter_gets_a_gradient_and_moves(tokenizer, tmp_path
     assert all(entry["grad_norm"] > 0 for entry in trainer.state.log_history if "grad_norm" in entry)
 
 
-def test_one_text_per_device_batch_is_refused_by_cvae_trainer_too(tokenizer, tmp_path):
+def one_text_trainer(tokenizer, output_dir, batch: str, checkpointing: bool = False, recorder=None, **kw):
     texts = unconditional_rows(Dataset.from_dict({"text": SENTENCES}))
-    args = CVAETrainingArguments(**common_arguments(tmp_path, "batch1x4", False, 1), objective="kl")
+    arguments = common_arguments(output_dir, batch, checkpointing, 1) | kw
+    args = CVAETrainingArguments(**arguments, objective="kl", max_grad_norm=0.0)
     trainer = CVAETrainer(build_model(tokenizer), args, train_dataset=texts, processing_class=tokenizer)
-    with pytest.raises(ValueError, match="posterior_batch_norm=True .* 1 row"):
+    if recorder is not None:
+        trainer.add_callback(recorder)
+    return trainer
+
+
+class GradientCopies(TrainerCallback):
+    """A copy of every gradient before the first optimizer step."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not hasattr(self, "grads"):
+            self.grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no_gc", "gc"])
+def test_one_text_per_device_batch_has_the_gradient_of_the_whole_batch(tokenizer, tmp_path, checkpointing, monkeypatch):
+    """CVAETrainer encodes the 4 one-row micro-batches of a step together (StepPosterior): the posterior batch norm
+    sees the step's 4 rows and the gradient is the one of a batch of 4 (z = the posterior mean here, so that the
+    two runs draw no noise)."""
+    import cvae_llama.modeling_cvae_llama as modeling
+
+    def posterior_mean(mean, logvar, num_samples=None):
+        return mean if num_samples is None else mean.expand(num_samples, *mean.shape)
+
+    monkeypatch.setattr(modeling, "reparameterize", posterior_mean)
+    grads = {}
+    for batch in BATCHES:
+        recorder = GradientCopies()
+        one_text_trainer(tokenizer, tmp_path / batch, batch, checkpointing, recorder).train()
+        grads[batch] = recorder.grads
+    assert grads["batch1x4"].keys() == grads["batch4"].keys()
+    assert any(".encoder." in f".{name}" for name in grads["batch4"])
+    for name, grad in grads["batch4"].items():
+        torch.testing.assert_close(grads["batch1x4"][name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_one_text_per_device_batch_without_accumulation_is_refused(tokenizer, tmp_path):
+    trainer = one_text_trainer(tokenizer, tmp_path, "batch4", per_device_train_batch_size=1)
+    with pytest.raises(ValueError, match="posterior_batch_norm=True .* 1 row.*gradient_accumulation_steps > 1"):
         trainer.train()
-    model = build_model(tokenizer, posterior_batch_norm=False)  # the setting the message names: trains
-    CVAETrainer(model, args, train_dataset=texts, processing_class=tokenizer).train()
+    model = build_model(tokenizer, posterior_batch_norm=False)  # a setting the message names: trains
+    CVAETrainer(model, trainer.args, train_dataset=trainer.train_dataset, processing_class=tokenizer).train()
+
+
+def test_a_posterior_passed_to_forward_is_checked(tokenizer):
+    model = build_model(tokenizer).train()
+    ids = torch.tensor([[1, 5, 6, 7]])
+    mean, logvar = model.encoder.eval()(ids)
+    with pytest.raises(ValueError, match="latent_logvar is None but .* each of shape \\(1, "):
+        model(input_ids=ids, latent_mean=mean)
+    with pytest.raises(ValueError, match="either latent or a posterior"):
+        model(input_ids=ids, latent_mean=mean, latent_logvar=logvar, latent=mean)
+    outputs = model(input_ids=ids, labels=ids, latent_mean=mean, latent_logvar=logvar)
+    assert outputs.latent_mean is mean and outputs.kl_loss > 0
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no_gc", "gc"])

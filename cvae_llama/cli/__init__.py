@@ -5,6 +5,7 @@
     cvae-llama train     build the CVAE around the LM (`from_llm`) and train it (`CVAETrainer`)
     cvae-llama evaluate  the evaluation report (`results.json`, `results.md`, plots)
     cvae-llama generate  text from a CVAE: prior samples, a given latent, reconstruction, interpolation, control
+    cvae-llama explore   a web page to see and steer the latent: encode, sample, interpolate, transfer, project
     cvae-llama export    a Hub-ready folder with a filled-in model card; `--push_to_hub REPO` uploads it
     cvae-llama demo      all of it on SmolLM2-135M, offline, on a CPU
 
@@ -36,6 +37,7 @@ from .arguments import (
     DataArguments,
     DemoArguments,
     EvaluateArguments,
+    ExploreArguments,
     ExportArguments,
     GenerateArguments,
     ModelArguments,
@@ -49,6 +51,7 @@ from .commands import (
     CommandLineError,
     run_demo_command,
     run_evaluate,
+    run_explore,
     run_export,
     run_generate,
     run_sample,
@@ -137,6 +140,17 @@ COMMANDS = {
             (ModelArguments, GenerateArguments),
             run_generate,
             f"{PROG} generate --model_name_or_path cvae --prompt 'The match ended' --num_samples 8",
+        ),
+        Command(
+            "explore",
+            "a web page to see and steer the latent: encode, sample, interpolate, transfer, project",
+            "Serve the latent explorer (a Gradio app, the `app` extra) for a saved CVAE: encode a text (its "
+            "reconstruction and its posterior per dimension), prior samples side by side, an interpolation between "
+            "two texts, moving texts along a direction (a label of --directions, or the difference of two sets of "
+            "example texts) and a 2-D projection of a file's posterior means coloured by label.",
+            (ModelArguments, ExploreArguments),
+            run_explore,
+            f"{PROG} explore --model_name_or_path cvae --directions report/results.json --port 7860",
         ),
         Command(
             "export",
@@ -270,6 +284,7 @@ __all__ = [
     "DataArguments",
     "DemoArguments",
     "EvaluateArguments",
+    "ExploreArguments",
     "ExportArguments",
     "GenerateArguments",
     "ModelArguments",

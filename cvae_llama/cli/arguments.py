@@ -321,6 +321,21 @@ class ExportArguments:
 
 
 @dataclass
+class ExploreArguments:
+    """`explore`: the latent explorer's web page (`cvae_llama.app.launch_app`)."""
+
+    _argument_group_name = "explorer"
+
+    directions: str | None = field(
+        default=None,
+        metadata={"help": "Label directions for the transfer tab: the results.json of `cvae-llama evaluate` (metric "
+                  "control), or a .pt / .safetensors (num_labels, latent_size) tensor."},
+    )  # fmt: skip
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to serve on (0.0.0.0: every interface)."})
+    port: int | None = field(default=None, metadata={"help": "Port (default: the first free one from 7860)."})
+
+
+@dataclass
 class DemoArguments:
     """`demo`: the whole pipeline on SmolLM2-135M with a small embedded prompt set (`cvae_llama.demo.run_demo`)."""
 
@@ -346,6 +361,7 @@ __all__ = [
     "DataArguments",
     "DemoArguments",
     "EvaluateArguments",
+    "ExploreArguments",
     "ExportArguments",
     "GenerateArguments",
     "ModelArguments",

@@ -18,6 +18,7 @@ from .arguments import (
     DataArguments,
     DemoArguments,
     EvaluateArguments,
+    ExploreArguments,
     ExportArguments,
     GenerateArguments,
     ModelArguments,
@@ -352,6 +353,22 @@ def run_export(model_args: ModelArguments, args: ExportArguments) -> Path:
     return folder
 
 
+# ---------------------------------------------------------------------------------------------------- explore
+def run_explore(model_args: ModelArguments, args: ExploreArguments):
+    """`cvae-llama explore`: `cvae_llama.app.launch_app` of `--model_name_or_path`, served until interrupted."""
+    try:
+        from ..app.gradio_app import launch_app
+    except ModuleNotFoundError as error:
+        if error.name != "gradio":
+            raise
+        raise ImportError("the explorer needs Gradio: pip install 'cvae-llama[app]'") from error
+
+    if args.port is not None and not 0 < args.port < 65536:
+        raise CommandLineError(f"--port must be in 1 .. 65535, got {args.port}")
+    return launch_app(model_args.model_name_or_path, args.directions, args.host, args.port,
+                      argument="--model_name_or_path", **model_args.load_kwargs())  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------------- demo
 def run_demo_command(args: DemoArguments) -> dict:
     """`cvae-llama demo`: `cvae_llama.demo.run_demo` with the flags."""
@@ -367,6 +384,7 @@ __all__ = [
     "CommandLineError",
     "run_demo_command",
     "run_evaluate",
+    "run_explore",
     "run_export",
     "run_generate",
     "run_sample",

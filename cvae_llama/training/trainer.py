@@ -38,6 +38,7 @@ from .objectives import (
     density_gap_term,
     kl_term,
 )
+from .step_posterior import StepPosterior
 
 
 logger = logging.get_logger(__name__)
@@ -96,6 +97,10 @@ class CVAETrainer(Trainer):
     Multi-GPU, FSDP and DeepSpeed: launch as any `Trainer` script (`torchrun`, `accelerate launch`); the step's
     totals are gathered across processes (`average_tokens_across_devices`, on by default). One process driving
     several GPUs (torch `DataParallel`) is refused.
+
+    One text per device batch (`per_device_train_batch_size=1` on text data) with `gradient_accumulation_steps` > 1:
+    the posterior batch norm would see one row; the trainer encodes the step's micro-batches together instead
+    ([`StepPosterior`]), which gives the gradient of one batch of the step's size (one process, no DeepSpeed or FSDP).
 
     Before the first step the training data are checked (columns, a first collated batch, group sizes): bad data
     raise a `ValueError` instead of giving a NaN loss.
@@ -188,6 +193,7 @@ class CVAETrainer(Trainer):
                 "one process per GPU with torchrun or accelerate launch"
             )
         self._step_counts: torch.Tensor | None = None  # (scored tokens, responses, groups, units) of the step
+        self._step_posterior: StepPosterior | None = None  # the step's posterior, when encoded in one pass
         self._term_sums: dict[str, torch.Tensor] = {}
         self._terms_logged_step = 0
         # the latest training posterior means (no gradient), newest first: their spread is logged, batch size aside
@@ -269,7 +275,38 @@ class CVAETrainer(Trainer):
                 "reconstruction loss would be 0/0; check the token budgets and the responses"
             )
         self._step_counts = counts
+        self._step_posterior = None
+        if self._encodes_per_step(batch_samples):
+            self.model.train()
+            batch_samples = [self._prepare_inputs(batch) for batch in batch_samples]
+            with self.compute_loss_context_manager():
+                self._step_posterior = StepPosterior(unwrap_cvae(self.model), batch_samples)
         return batch_samples, counts[0]
+
+    def _encodes_per_step(self, batch_samples: list[dict]) -> bool:
+        """Whether the step's posterior is encoded in one pass ([`StepPosterior`]): when the posterior batch norm
+        would otherwise see a micro-batch of one row, and the step has more (or a single row ends an epoch)."""
+        cvae = unwrap_cvae(self.model)
+        if cvae.encoder.mean_norm is None or all(batch["labels"].shape[0] > 1 for batch in batch_samples):
+            return False
+        if self.args.gradient_accumulation_steps == 1:
+            return False  # every step has one row: the batch norm refuses it, naming the fixes
+        if self.args.world_size > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                f"per_device_train_batch_size={self.args.per_device_train_batch_size} gives micro-batches of one row: "
+                "CVAETrainer then encodes an optimizer step's micro-batches together for the posterior batch norm, "
+                f"which it does in one process without DeepSpeed or FSDP only (world_size={self.args.world_size}); "
+                "give each device batch several rows (per_device_train_batch_size >= 2)"
+            )
+        return True
+
+    def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+        """`Trainer.training_step`; after the last micro-batch of a step encoded in one pass, the encoder's
+        backward ([`StepPosterior`])."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._step_posterior is not None:
+            self._step_posterior.micro_batch_done()
+        return loss
 
     def _accumulate_terms(self, terms: dict[str, torch.Tensor]) -> None:
         for key, value in terms.items():
