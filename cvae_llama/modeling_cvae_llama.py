@@ -1010,8 +1010,9 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             inputs_embeds = _ReentrantMemoryGradient.apply(inputs_embeds, leaves, *memory)
             latent_memory = tuple(zip(leaves[0::2], leaves[1::2]))
 
-        if self.latent_memory is not None and self.latent_memory.gates() is not None:
-            kwargs["memory_gates"] = self.latent_memory.gates()
+        memory_gates = self.latent_memory.gates() if self.latent_memory is not None else None
+        if memory_gates is not None:
+            kwargs["memory_gates"] = memory_gates
         outputs = self.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

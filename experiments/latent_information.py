@@ -91,10 +91,6 @@ VARIANTS = {
     "defaults+gated": _variant({}, model={"memory_attention": "gated"}),
     # one text per device batch, 16 accumulation steps (issue 25): CVAETrainer encodes each step in one pass
     "defaults+batch1x16": _variant({}, train={"per_device_train_batch_size": 1, "gradient_accumulation_steps": 16}),
-    # the candidate measured before it: the micro-batch normalised with the step's earlier means, without their gradient
-    "defaults+batch1x16+pooled_norm": _variant(
-        {}, train={"per_device_train_batch_size": 1, "gradient_accumulation_steps": 16}, patch=["pooled_norm"]
-    ),
 }
 AUTOENCODER = {"objective": "kl", "kl_weight": 0.0}
 
@@ -176,39 +172,8 @@ def _bos_states(model):
         return model.model(input_ids=bos, output_hidden_states=True).hidden_states
 
 
-def patch_pooled_norm(model, rows: int = 16):
-    """Issue 25's candidate for one text per device batch: a training batch of fewer than `rows` rows is batch-normed
-    over itself and the latest posterior means (without gradient) of the micro-batches before it in the same optimizer
-    step (`rows` micro-batch calls, the accumulation steps at batch 1, make a step), so that its statistics are a
-    16-row batch's; the gradient flows through the batch's own rows only. (Rejected: see experiments/README.md.)"""
-    norm = model.encoder.mean_norm
-    state = {"recent": None, "calls": 0}
-
-    def forward(latent_mean):
-        if not norm.training:
-            return torch.nn.BatchNorm1d.forward(norm, latent_mean)
-        if state["calls"] % rows == 0:  # a new optimizer step: pool nothing from the last one
-            state["recent"] = latent_mean.new_zeros(0, latent_mean.shape[1])
-        state["calls"] += 1
-        means = latent_mean.float()
-        earlier = state["recent"][: max(rows - means.shape[0], 0)].float()
-        state["recent"] = torch.cat([means.detach(), state["recent"].float()])[:rows]
-        pooled = torch.cat([means, earlier])
-        if pooled.shape[0] == 1:  # the step's first row: the running statistics
-            return torch.nn.functional.batch_norm(latent_mean, norm.running_mean, norm.running_var, norm.weight,
-                                                  norm.bias, False, 0.0, norm.eps)  # fmt: skip
-        mean, var = pooled.mean(0), pooled.var(0, unbiased=False)
-        with torch.no_grad():
-            norm.running_mean.lerp_(mean, norm.momentum)
-            norm.running_var.lerp_(var * pooled.shape[0] / (pooled.shape[0] - 1), norm.momentum)
-            norm.num_batches_tracked.add_(1)
-        return (((means - mean) / (var + norm.eps).sqrt()) * norm.weight + norm.bias).to(latent_mean.dtype)
-
-    norm.forward = forward
-
-
 PATCHES = {"v0_slots": patch_v0_slots, "unit_slots": patch_unit_slots,
-           "mean_pool": patch_mean_pool, "batch_norm": patch_batch_norm, "pooled_norm": patch_pooled_norm}
+           "mean_pool": patch_mean_pool, "batch_norm": patch_batch_norm}
 
 
 def yelp_rows(num_train: int, num_eval: int):
