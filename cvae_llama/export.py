@@ -36,7 +36,8 @@ def training_record(trainer, groups, dataset: str, dataset_format: str, base_mod
 
     Args:
         trainer: the [`CVAETrainer`] after `train()`.
-        groups: its training groups (`{prompt, responses[, label]}`).
+        groups: its training data: groups `{prompt, responses[, label]}` or flat rows `{prompt, response[, label]}`
+            (one response each).
         dataset, dataset_format: where the data came from (recorded as given).
         base_model: the LLM the CVAE was built around (the config's `base_model_name_or_path` wins when set).
         metrics: `trainer.train().metrics`.
@@ -51,7 +52,9 @@ def training_record(trainer, groups, dataset: str, dataset_format: str, base_mod
         "dataset": str(dataset),
         "dataset_format": dataset_format,
         "num_groups": len(groups),
-        "responses_per_group": min(len(responses) for responses in groups["responses"]),
+        "responses_per_group": (
+            min(len(responses) for responses in groups["responses"]) if "responses" in groups.column_names else 1
+        ),
         "cvae_config": {key: getattr(model.config, key) for key in CVAE_FIELDS},
         # dg_grouping as the trainer resolved it from the data when "auto"
         "training_arguments": {**args.to_dict(), "dg_grouping": trainer.dg_grouping},

@@ -120,4 +120,22 @@ def save_latents(path: str | os.PathLike, latent: torch.Tensor) -> Path:
     return path
 
 
-__all__ = ["read_directions", "read_latent", "save_latents"]
+def save_directions(path: str | os.PathLike, directions: torch.Tensor, labels: list[str]) -> Path:
+    """Write label `directions` `(num_labels, latent_size)` and their `labels` as a JSON file under the keys of an
+    evaluation report's control metric (`{"directions", "labels"}`), which [`read_directions`] reads back (and the
+    explorer's `--directions` takes)."""
+    if directions.ndim != 2 or len(labels) != len(directions):
+        raise ValueError(
+            f"directions of shape {tuple(directions.shape)} and {len(labels)} labels {list(labels)!r}: expected "
+            "a (num_labels, latent_size) tensor with one label per row"
+        )
+    path = Path(path)
+    if path.suffix.lower() != ".json":
+        raise ValueError(f"path {str(path)!r} has suffix {path.suffix!r}; expected .json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = {"directions": directions.detach().to(torch.float32).cpu().tolist(), "labels": [str(x) for x in labels]}
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    return path
+
+
+__all__ = ["read_directions", "read_latent", "save_directions", "save_latents"]

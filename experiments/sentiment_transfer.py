@@ -8,9 +8,15 @@ and positive ones with -k), decoded greedily. Reported per strength k: the share
 logistic regression (fitted on other Yelp sentences, its held-out accuracy printed) gives the target sentiment, and
 BLEU-4 of the decodings to their source sentences (sacrebleu). k = 0 is the reconstruction.
 
-Rows are appended to `sentiment_transfer/results.jsonl` as they are measured.
+Rows are appended to `sentiment_transfer/results.jsonl` as they are measured. `--save DIR` keeps the trained CVAE
+(a folder `cvae-llama explore` serves) and the direction as `DIR/sentiment_direction.json` (labels `positive`,
+the direction, and `negative`, its opposite), the explorer's `--directions`. `--objective kl --kl_weight 0` trains an
+auto-encoder instead of the default objective.
 
     python experiments/sentiment_transfer.py --max_steps 200 --strengths 0 0.5 1 1.5 2 3
+    python experiments/sentiment_transfer.py --save experiments/sentiment_transfer/model
+    cvae-llama explore --model_name_or_path experiments/sentiment_transfer/model \
+        --directions experiments/sentiment_transfer/model/sentiment_direction.json
 """
 
 import argparse
@@ -33,6 +39,8 @@ from cvae_llama import CVAELlamaForCausalLM, CVAETrainer, CVAETrainingArguments 
 from cvae_llama.app import latent_direction, transfer  # noqa: E402
 from cvae_llama.data.loaders import unconditional_rows  # noqa: E402
 from cvae_llama.evaluation.control import fit_logistic_regression  # noqa: E402
+from cvae_llama.export import save_trained_cvae, training_record  # noqa: E402
+from cvae_llama.latent_io import save_directions  # noqa: E402
 from cvae_llama.pretrained import smollm2_path  # noqa: E402
 
 
@@ -77,13 +85,19 @@ def main() -> None:
     parser.add_argument("--strengths", type=float, nargs="+", default=[0, 0.5, 1, 1.5, 2, 3])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--objective", default=None, help="CVAETrainingArguments.objective (default: its default)")
+    parser.add_argument("--kl_weight", type=float, default=None, help="CVAETrainingArguments.kl_weight")
+    parser.add_argument("--save", type=Path, default=None, help="keep the trained CVAE and its direction file here")
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
     started = time.time()
     OUTPUT.mkdir(parents=True, exist_ok=True)
 
+    # every row names its run's setting (rows of several runs share the file)
+    setting = {key: getattr(options, key) for key in ("objective", "kl_weight", "max_steps", "seed")}
+
     def record(row: dict) -> None:
-        row = {"seconds": round(time.time() - started, 1), **row}
+        row = {"seconds": round(time.time() - started, 1), **setting, **row}
         with (OUTPUT / "results.jsonl").open("a", encoding="utf-8") as file:
             file.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
@@ -108,18 +122,27 @@ def main() -> None:
         output_dir=str(OUTPUT / "run"), per_device_train_batch_size=16, max_steps=options.max_steps,
         logging_steps=50, save_strategy="no", report_to=[], seed=options.seed, max_prompt_tokens=8,
         max_response_tokens=32, disable_tqdm=True, use_cpu=True,
+        **{key: value for key in ("objective", "kl_weight") if (value := getattr(options, key)) is not None},
     )  # fmt: skip
-    trainer = CVAETrainer(model, args, train_dataset=unconditional_rows(Dataset.from_dict({"text": texts})),
-                          processing_class=tokenizer)  # fmt: skip
-    trainer.train()
+    rows = unconditional_rows(Dataset.from_dict({"text": texts}))
+    trainer = CVAETrainer(model, args, train_dataset=rows, processing_class=tokenizer)
+    metrics = trainer.train().metrics
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    record({"what": "training", "steps": options.max_steps, "objective": args.objective, "last_log": logs[-1] if logs else None})
+    record({"what": "training", "steps": options.max_steps, "objective": args.objective, "kl_weight": args.kl_weight,
+            "last_log": logs[-1] if logs else None})  # fmt: skip
+    if options.save is not None:
+        save_trained_cvae(trainer, options.save,
+                          training_record(trainer, rows, str(DATA), "text", str(path), metrics))  # fmt: skip
 
     model = trainer.model.eval()
     budgets = {"max_prompt_tokens": 8, "max_response_tokens": 32}
     direction = latent_direction(model, tokenizer, train[1][: options.num_direction], train[0][: options.num_direction],
                                  **budgets)  # fmt: skip
     record({"what": "direction", "norm": direction.norm().item()})
+    if options.save is not None:  # k = 1 along "positive" moves the negative sentences' mean onto the positive's
+        saved = save_directions(options.save / "sentiment_direction.json", torch.stack([direction, -direction]),
+                                ["positive", "negative"])  # fmt: skip
+        record({"what": "saved", "model": str(options.save), "directions": str(saved)})
     for strength in options.strengths:
         reached, outputs = 0, {}
         for source, sign in ((0, 1.0), (1, -1.0)):  # negative -> positive with +k, positive -> negative with -k

@@ -177,6 +177,25 @@ def test_select_direction_by_label_name_or_index():
     torch.testing.assert_close(explore.select_direction(directions, ["neg", "neu", "pos"], 1), directions[1])
 
 
+def test_saved_directions_are_read_back_with_their_labels(tmp_path):
+    """`save_directions` (what experiments/sentiment_transfer.py --save writes) and `read_directions` (what
+    `--directions` reads) round-trip; a label count or a suffix that does not fit is refused, naming it."""
+    from cvae_llama.latent_io import read_directions, save_directions
+
+    directions = torch.randn(2, 8)
+    path = save_directions(tmp_path / "sentiment_direction.json", directions, ["positive", "negative"])
+    read, names = read_directions(str(path), 8)
+    torch.testing.assert_close(read, directions)
+    assert names == ["positive", "negative"]
+    torch.testing.assert_close(explore.select_direction(read, names, "negative"), directions[1])
+    with pytest.raises(ValueError, match=r"shape \(2, 8\) and 1 labels \['positive'\]: expected .* one label per row"):
+        save_directions(tmp_path / "d.json", directions, ["positive"])
+    with pytest.raises(ValueError, match=r"path '.*d.pt' has suffix '.pt'; expected .json"):
+        save_directions(tmp_path / "d.pt", directions, ["positive", "negative"])
+    with pytest.raises(ValueError, match=r"directions of shape \(2, 8\) but the model expects \(num_labels, 4\)"):
+        read_directions(str(path), 4)
+
+
 @pytest.mark.parametrize(
     ("operation", "args", "kwargs", "message"),
     [
@@ -292,6 +311,24 @@ def test_the_page_drives_every_operation(served, loaded, directions_file, tmp_pa
     assert info.startswith("4 texts; PC 1 explains")
 
 
+def test_the_transfer_tab_s_example_is_sentiment_transfer_and_runs(served, loaded):
+    """The tab's examples (one click fills the inputs): the sentiment sets of `SENTIMENT_EXAMPLE`, then the same texts
+    along the launch file's first label; each row, sent as the page sends it, gives what the library gives."""
+    from cvae_llama.app.gradio_app import FROM_EXAMPLES, FROM_FILE, SENTIMENT_EXAMPLE
+
+    app, client = served
+    (examples,) = [c["props"] for c in app.config["components"] if c.get("type") == "dataset"]
+    positive, negative, texts = ("\n".join(SENTIMENT_EXAMPLE[key]) for key in ("texts_a", "texts_b", "texts"))
+    assert examples["samples"] == [[FROM_EXAMPLES, positive, negative, texts, 2.0, None],
+                                   [FROM_FILE, "", "", texts, 2.0, "0"]]  # fmt: skip
+    assert "sentiment transfer" in examples["label"]
+    moved, _ = client.predict(FROM_EXAMPLES, positive, negative, None, None, 2.0, texts, "", NEW_TOKENS,
+                              api_name="/transfer")  # fmt: skip
+    direction = call(explore.latent_direction, loaded, SENTIMENT_EXAMPLE["texts_a"], SENTIMENT_EXAMPLE["texts_b"])
+    expected = call(explore.transfer, loaded, SENTIMENT_EXAMPLE["texts"], direction, strength=2.0)["texts"]
+    assert [row[1] for row in rows(moved)] == expected
+
+
 def test_bad_input_shows_an_error_and_the_server_goes_on(served, loaded, folder, tmp_path):
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
@@ -370,9 +407,11 @@ def test_explore_command_serves_the_page(folder, directions_file):
                 time.sleep(0.5)
         assert config is not None, server.stdout.read() if server.poll() is not None else "no page within 90 s"
         assert config["title"] == "CVAE latent explorer"
-        assert [dependency["api_name"] for dependency in config["dependencies"]] == [
+        named = [dependency["api_name"] for dependency in config["dependencies"]]
+        assert [name for name in named if name != "load_example"] == [
             "encode", "sample_prior", "interpolate", "text_at_t", "direction_labels", "transfer", "project"
         ]  # fmt: skip
+        assert named.count("load_example") == 1  # the transfer tab's examples (gr.Examples), filled in the browser
         (label,) = [component for component in config["components"] if component["props"].get("label") == "Label"]
         assert label["props"]["choices"] == [["0", "0"], ["1", "1"]]  # the labels of --directions
     finally:

@@ -6,9 +6,11 @@ import json
 
 import pytest
 import torch
+from datasets import Dataset
 from ddp_train import build_groups, build_model, build_tokenizer
 from safetensors.torch import load_file
 
+from cvae_llama.data import unconditional_rows
 from cvae_llama.export import (
     TRAINING_RECORD,
     export_hub_folder,
@@ -68,6 +70,21 @@ def test_the_training_record_holds_every_training_argument(tmp_path):
     assert arguments["dg_grouping"] == trainer.dg_grouping  # as resolved from the data, not "auto"
     assert arguments["hub_token"] in (None, "<HUB_TOKEN>")  # TrainingArguments.to_dict redacts tokens
     assert record["global_step"] == 2 and record["num_groups"] == len(groups)
+
+
+def test_the_training_record_of_flat_rows_counts_one_response_each(tmp_path):
+    """Unconditional text (`unconditional_rows`: one `response` a row, no `responses`) trains and is recorded."""
+    tokenizer = build_tokenizer()
+    rows = unconditional_rows(Dataset.from_dict({"text": ["a cat sat", "a dog ran", "the sun set", "rain fell"]}))
+    args = CVAETrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4, save_strategy="no",
+        report_to="none", max_prompt_tokens=8, max_response_tokens=8, use_cpu=True,
+    )  # fmt: skip
+    trainer = CVAETrainer(build_model(tokenizer), args, train_dataset=rows, processing_class=tokenizer)
+    record = training_record(trainer, rows, "texts", "text", "tiny-llm", trainer.train().metrics)
+    assert record["num_groups"] == 4 and record["responses_per_group"] == 1 and record["global_step"] == 1
+    save_trained_cvae(trainer, tmp_path / "cvae", record)
+    assert read_training_record(tmp_path / "cvae")["dataset_format"] == "text"
 
 
 def test_export_hub_folder_without_the_command_line(tmp_path):

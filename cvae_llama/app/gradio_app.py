@@ -25,6 +25,17 @@ from . import explore
 DEFAULT_MAX_PROJECTED_TEXTS = 500
 # Direction sources of the transfer tab.
 FROM_EXAMPLES, FROM_FILE = "example texts", "direction file"
+# The transfer tab's example (one click fills it): sentiment transfer by latent arithmetic, positive minus negative
+# restaurant reviews (lower-cased and tokenised as the Yelp sentences of experiments/sentiment_transfer.py, which
+# measures it: the share reaching the other sentiment grows with k, 0.39 at k = 0 to 0.73 at k = 2).
+SENTIMENT_EXAMPLE = {
+    "texts_a": ["the food was delicious and the staff were friendly .", "great service and a lovely atmosphere .",
+                "i love this place , we will be back !", "the best pizza in town ."],
+    "texts_b": ["the food was cold and the service was slow .", "terrible service , we waited an hour .",
+                "i will never come back to this place .", "the worst pizza i have ever had ."],
+    "texts": ["the waiter was rude and the soup was bland .", "the room was dirty and nobody cared ."],
+    "strength": 2.0,
+}  # fmt: skip
 # Every handler that runs the model joins this group, which runs one job at a time.
 MODEL_CONCURRENCY_ID = "model"
 # The progress bar a handler gets as its `progress` default (Gradio keeps each event's state in its own context, so
@@ -269,6 +280,12 @@ def build_app(model, tokenizer, directions=None, budgets: dict | None = None, ti
                     "the paper's label directions: 16)",
                 )  # fmt: skip
                 texts = gr.Textbox(label="Texts to move, one per line", lines=4)
+                example = [SENTIMENT_EXAMPLE[key] for key in ("texts_a", "texts_b", "texts")]
+                examples = [[FROM_EXAMPLES, *map("\n".join, example), SENTIMENT_EXAMPLE["strength"], None]]
+                if directions:  # the same texts moved along the launch file's first label
+                    examples.append([FROM_FILE, "", "", examples[0][3], SENTIMENT_EXAMPLE["strength"], names[0]])
+                gr.Examples(examples, [source, texts_a, texts_b, texts, strength, label],
+                            label="Example: sentiment transfer (texts A positive reviews, B negative)")  # fmt: skip
                 transfer_button = gr.Button("Transfer", variant="primary")
                 transfer_info = gr.Markdown()
                 transferred = gr.Dataframe(headers=["text", "moved"], wrap=True, label="Texts and their moved versions")
@@ -332,4 +349,4 @@ def launch_app(
     return app
 
 
-__all__ = ["DEFAULT_MAX_PROJECTED_TEXTS", "build_app", "launch_app", "posterior_figure"]
+__all__ = ["DEFAULT_MAX_PROJECTED_TEXTS", "SENTIMENT_EXAMPLE", "build_app", "launch_app", "posterior_figure"]
