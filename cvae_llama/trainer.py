@@ -21,10 +21,11 @@ from .training.objectives import (
     remove_bow_head,
 )
 from .training.trainer import LOGGED_TERMS, CVAETrainer
-from .training.trl_loss import trl_loss_func
+from .training.trl_loss import cvae_loss_func, trl_loss_func
 
 
 __all__ = [
+    "cvae_loss_func",
     "trl_loss_func",
     "CVAEBagOfWordsHead",
     "CVAETrainer",
