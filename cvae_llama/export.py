@@ -23,8 +23,6 @@ from .validation import refuse_to_overwrite
 TRAINING_RECORD = "cvae_training.json"
 # Tags every exported card carries (the caller's `tags` are added).
 BASE_TAGS = ("cvae-llama", "cvae", "vae", "latent-variable", "text-generation", "custom_code")  # + the architecture's
-# How the card names each decoder architecture (`config.base_model_type`)
-BASE_ARCHITECTURE_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 # The folder of an exported repo that holds the evaluation's results.json, results.md and plots.
 EVALUATION_FOLDER = "evaluation"
 
@@ -219,6 +217,7 @@ def model_card(model, *, record: dict, results: dict | None, base_model: str | N
         model_name=model_name,
     )
     config = model.config
+    base_class = DECODER_ARCHITECTURES[config.base_model_type].causal_lm.__name__
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path or model_card_template_path()),
@@ -234,8 +233,8 @@ def model_card(model, *, record: dict, results: dict | None, base_model: str | N
         num_memory_slots=config.num_memory_slots,
         decoder_mode=config.decoder_mode,
         base_model_type=config.base_model_type,
-        base_architecture=BASE_ARCHITECTURE_NAMES[config.base_model_type],
-        base_model_class=DECODER_ARCHITECTURES[config.base_model_type].causal_lm.__name__,
+        base_architecture=base_class.removesuffix("ForCausalLM"),
+        base_model_class=base_class,
         training_data=training_data or _training_data_text(record),
         objective=_objective_text(record),
         training_setup=_training_setup(record) if record else None,

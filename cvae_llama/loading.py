@@ -76,16 +76,47 @@ def load_cvae(name_or_path: str | os.PathLike, argument: str = "model_name_or_pa
 
     `kwargs` go to `from_pretrained` (`dtype`, `attn_implementation`, ...).
     """
-    from .modeling_cvae_llama import CVAELlamaForCausalLM
+    return saved_cvae(name_or_path, argument, **kwargs), load_tokenizer(name_or_path)
 
+
+def saved_cvae(name_or_path: str | os.PathLike, argument: str = "model_name_or_path", **kwargs):
+    """A saved [`CVAELlamaForCausalLM`], in eval mode; a clear error for any other folder (see [`load_cvae`])."""
     config = model_config(name_or_path, argument)
     if config.model_type != "cvae_llama":
         raise ValueError(
             f"{argument} {str(name_or_path)!r} holds a {config.model_type!r} model, not a CVAE-Llama (model_type "
             "'cvae_llama'); build one around it with CVAELlamaForCausalLM.from_llm (`cvae-llama train`)"
         )
-    model = CVAELlamaForCausalLM.from_pretrained(str(name_or_path), **kwargs).eval()
-    return model, load_tokenizer(name_or_path)
+    return pretrained_cvae(name_or_path, **kwargs).eval()
+
+
+def pretrained_cvae(name_or_path: str | os.PathLike, **kwargs):
+    """`CVAELlamaForCausalLM.from_pretrained`, with transformers' and safetensors' refusals of a folder whose weights
+    do not fit its config, or cannot be read, said in terms of the folder."""
+    from safetensors import SafetensorError
+
+    from .configuration_cvae_llama import CVAE_FIELDS, CVAELlamaConfig
+    from .modeling_cvae_llama import CVAELlamaForCausalLM
+
+    source = str(name_or_path)
+    try:
+        return CVAELlamaForCausalLM.from_pretrained(source, **kwargs)
+    except RuntimeError as error:  # transformers' refusal of weights whose shapes differ from the config's
+        if "ignore_mismatched_sizes" not in str(error):
+            raise
+        config = kwargs.get("config")
+        if not isinstance(config, CVAELlamaConfig):
+            config = CVAELlamaConfig.from_pretrained(source)
+        fields = ", ".join(f"{name}={getattr(config, name)!r}" for name in (*CVAE_FIELDS, "vocab_size"))
+        raise ValueError(
+            f"the weights in {source!r} do not have the shapes its config gives ({fields}; see the load report "
+            "above for the tensors): its config.json was edited, or belongs to other weights"
+        ) from error
+    except SafetensorError as error:
+        raise ValueError(
+            f"{source!r} holds a .safetensors file that cannot be read: it is truncated or corrupted ({error}); "
+            "save or download the model again"
+        ) from error
 
 
 def load_causal_lm(name_or_path: str | os.PathLike, argument: str = "model_name_or_path", **kwargs):
@@ -120,7 +151,7 @@ def build_or_load_cvae(
                 f"{argument} {name!r} is already a CVAE whose config differs from {different}: the CVAE fields apply "
                 "when a CVAE is built around an LLM"
             )
-        return CVAELlamaForCausalLM.from_pretrained(name, **kwargs)
+        return pretrained_cvae(name, **kwargs)
     if config.model_type not in BASE_CONFIG_CLASSES:
         raise ValueError(
             f"{argument} {name!r} holds a {config.model_type!r} model; the CVAE is built around an LLM of model_type "
@@ -206,49 +237,68 @@ def load_rows(
     Returns:
         `(rows, format)`, the format as found when `"auto"`.
     """
-    from datasets import Dataset, load_dataset
-
-    from .data import load_dataset_by_name, load_prompt_response_file, load_text_file, unconditional_rows
-
     dataset = str(dataset)
     if dataset_format == "auto":
         dataset_format = detect_dataset_format(dataset, argument)
     renames = {prompt_column: "prompt", response_column: "response", label_column: "label"}
     renames = {source: target for source, target in renames.items() if source != target}
     if dataset_format == "hub":
-        try:
-            rows = load_dataset(dataset, dataset_config, split=split or "train")
-        except Exception as error:  # datasets raises many types for an unreachable or unknown name
-            raise ValueError(
-                f"{argument} {dataset!r} is not a local path, and loading it from the Hub failed "
-                f"({type(error).__name__}: {' '.join(str(error).split())[:300]})"
-            ) from error
+        rows = _hub_rows(dataset, dataset_config, split, argument)
     elif dataset_format == "prompt_response" and renames:
-        path = Path(dataset).expanduser()
-        builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-        if path.is_dir():
-            from datasets import load_from_disk
-
-            rows = load_from_disk(str(path))
-            if not isinstance(rows, Dataset):
-                rows = rows[split or "train"]
-        elif path.suffix.lower() in builders:
-            rows = load_dataset(builders[path.suffix.lower()], data_files=str(path), split="train")
-        else:
-            raise ValueError(f"{argument} {dataset!r} is not a .json / .jsonl / .csv / .parquet file")
+        rows = _raw_prompt_response_rows(dataset, split, argument)
     else:
-        kwargs = {"tokenizer": tokenizer} if dataset_format in ("yelp", "agnews") else {}
-        try:
-            if dataset_format == "prompt_response":
-                rows = load_prompt_response_file(dataset, split=split or "train")
-            elif dataset_format == "text":
-                rows = load_text_file(dataset)
-            else:
-                rows = load_dataset_by_name(dataset_format, dataset, split=split, **kwargs)
-        except ValueError as error:
-            raise ValueError(f"{argument} {dataset!r} ({dataset_format}): {error}") from error
+        rows = _format_rows(dataset, dataset_format, tokenizer, split, argument)
     if isinstance(rows, dict):  # a DatasetDict
         raise ValueError(f"{argument} {dataset!r} holds the splits {list(rows)}: pass {_named(argument, 'split')}")
+    return _standard_columns(rows, renames, needs_response, dataset, argument), dataset_format
+
+
+def _hub_rows(dataset: str, dataset_config: str | None, split: str | None, argument: str):
+    """A Hub dataset's split (`train` by default), with one clear error when it cannot be loaded."""
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(dataset, dataset_config, split=split or "train")
+    except Exception as error:  # datasets raises many types for an unreachable or unknown name
+        raise ValueError(
+            f"{argument} {dataset!r} is not a local path, and loading it from the Hub failed "
+            f"({type(error).__name__}: {' '.join(str(error).split())[:300]})"
+        ) from error
+
+
+def _raw_prompt_response_rows(dataset: str, split: str | None, argument: str):
+    """A `save_to_disk` folder or a .json / .jsonl / .csv / .parquet file with its columns as they are."""
+    from datasets import Dataset, load_dataset, load_from_disk
+
+    path = Path(dataset).expanduser()
+    builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+    if path.is_dir():
+        rows = load_from_disk(str(path))
+        return rows if isinstance(rows, Dataset) else rows[split or "train"]
+    if path.suffix.lower() in builders:
+        return load_dataset(builders[path.suffix.lower()], data_files=str(path), split="train")
+    raise ValueError(f"{argument} {dataset!r} is not a .json / .jsonl / .csv / .parquet file")
+
+
+def _format_rows(dataset: str, dataset_format: str, tokenizer, split: str | None, argument: str):
+    """The rows of a local dataset read by the reader of its format, its errors naming `dataset`."""
+    from .data import load_dataset_by_name, load_prompt_response_file, load_text_file
+
+    kwargs = {"tokenizer": tokenizer} if dataset_format in ("yelp", "agnews") else {}
+    try:
+        if dataset_format == "prompt_response":
+            return load_prompt_response_file(dataset, split=split or "train")
+        if dataset_format == "text":
+            return load_text_file(dataset)
+        return load_dataset_by_name(dataset_format, dataset, split=split, **kwargs)
+    except ValueError as error:
+        raise ValueError(f"{argument} {dataset!r} ({dataset_format}): {error}") from error
+
+
+def _standard_columns(rows, renames: dict[str, str], needs_response: bool, dataset: str, argument: str):
+    """`rows` with the source columns renamed to `prompt` / `response` / `label`; `ValueError` when one is missing."""
+    from .data import unconditional_rows
+
     renames = {source: target for source, target in renames.items() if source in rows.column_names}
     if renames:
         rows = rows.remove_columns([target for target in renames.values() if target in rows.column_names])
@@ -265,7 +315,7 @@ def load_rows(
         )
     if len(rows) == 0:
         raise ValueError(f"{argument} {dataset!r} has no rows")
-    return rows, dataset_format
+    return rows
 
 
 __all__ = [
@@ -278,4 +328,6 @@ __all__ = [
     "load_tokenizer",
     "looks_like_hub_id",
     "model_config",
+    "pretrained_cvae",
+    "saved_cvae",
 ]

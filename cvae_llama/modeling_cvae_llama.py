@@ -1,11 +1,15 @@
 """CVAE-Llama: a decoder-only LLM (Llama, Mistral, Qwen2 / Qwen2.5, Qwen3) turned into a conditional VAE (Zhang et
-al., IEEE TAI 2026).
+al., "Latent Variable Modeling for Controllable and Diverse Generation From Large Language Models", IEEE TAI 2026).
 
-A posterior encoder q(z | x, y) built from the LLM's first layers, a per-layer latent memory through which z
-reaches every decoder layer, and the gradient-only skip connection (G-Skip). The decoder is transformers' own model
-class of the LLM's architecture (`LlamaModel`, `MistralModel`, `Qwen2Model`, `Qwen3Model`: `DECODER_ARCHITECTURES`),
-unchanged: the memory enters through a registered attention function (`AttentionInterface`) that receives it as a
-keyword argument, so it survives gradient checkpointing and needs no copy of the architecture's code.
+Read top to bottom, as transformers' `modeling_llama.py`: the output dataclasses, the building blocks (the posterior
+encoder q(z | x, y) built from the LLM's first layers, the per-layer latent memory through which z reaches every
+decoder layer, the gradient-only skip connection, G-Skip), the pretrained base, the base model (the decoder run with
+the latent memory, returning hidden states) and the causal LM on top of it (logits, then the loss terms).
+
+The decoder is transformers' own model class of the LLM's architecture (`LlamaModel`, `MistralModel`, `Qwen2Model`,
+`Qwen3Model`: `DECODER_ARCHITECTURES`), unchanged: the memory enters through one attention function registered with
+transformers' `AttentionInterface`, which receives it as a keyword argument, so it survives gradient checkpointing and
+needs no copy of the architecture's code.
 
 This file travels to a Hub repo as remote code: it imports only torch, transformers, the standard library and
 `configuration_cvae_llama.py`. It opens no file and no connection.
@@ -16,28 +20,14 @@ import math
 from dataclasses import dataclass
 
 import torch
+import transformers
 from torch import nn
-from transformers import (
-    GenerationMixin,
-    LlamaForCausalLM,
-    LlamaModel,
-    MistralForCausalLM,
-    MistralModel,
-    PreTrainedModel,
-    Qwen2ForCausalLM,
-    Qwen2Model,
-    Qwen3ForCausalLM,
-    Qwen3Model,
-)
+from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, rotate_half
-from transformers.models.mistral import modeling_mistral
-from transformers.models.qwen2 import modeling_qwen2
-from transformers.models.qwen3 import modeling_qwen3
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
@@ -47,9 +37,9 @@ from .configuration_cvae_llama import BASE_CONFIG_CLASSES, CVAE_FIELDS, CVAELlam
 
 # Log-variances are soft-bounded to (-LOGVAR_BOUND, LOGVAR_BOUND) so that exp() can neither overflow nor vanish.
 LOGVAR_BOUND = 10.0
-# The attention implementations the latent memory wraps, and the prefix of their registered names.
+# The attention implementations the latent memory wraps, and the name its attention function is registered under.
 SUPPORTED_ATTENTION = ("eager", "sdpa")
-LATENT_MEMORY_ATTENTION = "cvae_latent_memory|"
+LATENT_MEMORY_ATTENTION = "cvae_latent_memory"
 # In `from_llm`, the latent-dependent part of each memory slot starts at this fraction of the slot's constant part.
 LATENT_SHARE_AT_INIT = 0.1
 
@@ -58,7 +48,7 @@ LATENT_SHARE_AT_INIT = 0.1
 class DecoderArchitecture:
     """transformers' own classes of a decoder architecture that a CVAE wraps: the LLM (`causal_lm`), the decoder
     (`model`), the layers the encoder copies (`decoder_layer`), the attention whose key / value projections (and key
-    norm, Qwen3's) the memory copies, the rotary embedding, and the eager attention the memory's wrapper calls."""
+    norm, Qwen3's) the memory copies, the rotary embedding, and the eager attention the memory's attention wraps."""
 
     causal_lm: type
     model: type
@@ -67,23 +57,19 @@ class DecoderArchitecture:
     rotary_embedding: type
     eager_attention: object
 
+    @classmethod
+    def of(cls, model_type: str, config_class: type) -> "DecoderArchitecture":
+        """The classes of `transformers.models.<model_type>`, named after its config class (`LlamaConfig` ->
+        `LlamaForCausalLM`, `LlamaModel`, ...)."""
+        module = getattr(getattr(transformers.models, model_type), f"modeling_{model_type}")
+        prefix = config_class.__name__.removesuffix("Config")
+        suffixes = ("ForCausalLM", "Model", "DecoderLayer", "Attention", "RotaryEmbedding")
+        return cls(*(getattr(module, prefix + suffix) for suffix in suffixes), module.eager_attention_forward)
 
-def _architecture(causal_lm: type, model: type, module) -> DecoderArchitecture:
-    prefix = model.__name__.removesuffix("Model")
-    return DecoderArchitecture(
-        causal_lm, model, getattr(module, f"{prefix}DecoderLayer"), getattr(module, f"{prefix}Attention"),
-        getattr(module, f"{prefix}RotaryEmbedding"), module.eager_attention_forward,
-    )  # fmt: skip
 
-
-# By `config.base_model_type` (the wrapped LLM's `model_type`); Qwen2.5 checkpoints are "qwen2".
-DECODER_ARCHITECTURES = {
-    "llama": _architecture(LlamaForCausalLM, LlamaModel, modeling_llama),
-    "mistral": _architecture(MistralForCausalLM, MistralModel, modeling_mistral),
-    "qwen2": _architecture(Qwen2ForCausalLM, Qwen2Model, modeling_qwen2),
-    "qwen3": _architecture(Qwen3ForCausalLM, Qwen3Model, modeling_qwen3),
-}
-assert set(DECODER_ARCHITECTURES) == set(BASE_CONFIG_CLASSES), "one decoder architecture per supported config"
+# By `config.base_model_type` (the wrapped LLM's `model_type`; Qwen2.5 checkpoints are "qwen2"): one entry per
+# supported config in `BASE_CONFIG_CLASSES`, the one table of supported architectures.
+DECODER_ARCHITECTURES = {name: DecoderArchitecture.of(name, config) for name, config in BASE_CONFIG_CLASSES.items()}
 
 
 def sliding_layers(config: CVAELlamaConfig) -> list[bool]:
@@ -93,6 +79,34 @@ def sliding_layers(config: CVAELlamaConfig) -> list[bool]:
     if layer_types is not None:
         return [layer_type == "sliding_attention" for layer_type in layer_types]
     return [getattr(config, "sliding_window", None) is not None] * config.num_hidden_layers
+
+
+@dataclass
+class CVAELlamaModelOutput(ModelOutput):
+    """
+    Output of [`CVAELlamaModel`]: the decoder's hidden states given a latent, and where the latent came from.
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch, sequence_length, hidden_size)`):
+            The decoder's final hidden states (with the skip connection's contribution).
+        latent (`torch.FloatTensor` of shape `(batch, latent_size)`):
+            The latent the decoder was conditioned on.
+        latent_mean, latent_logvar (`torch.FloatTensor` of shape `(batch, latent_size)`, *optional*):
+            The posterior's mean and log-variance, when the posterior was used.
+        cache (`Cache`, *optional*):
+            The decoder's key/value cache. A dynamic cache starts with the `num_memory_slots` memory slots (written by
+            the first call that receives it empty), then the real tokens.
+        hidden_states, attentions (`tuple(torch.FloatTensor)`, *optional*):
+            As for `LlamaModel` (attention maps include the memory slots as first columns).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    latent: torch.FloatTensor | None = None
+    latent_mean: torch.FloatTensor | None = None
+    latent_logvar: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -134,115 +148,7 @@ class CVAELlamaOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
-def latent_memory_attention(
-    module, query, key, value, attention_mask, latent_memory=None, memory_gates=None, **kwargs
-):
-    """Self-attention in which every real token also attends to the layer's latent memory slots.
-
-    `latent_memory` is a tuple over decoder layers of `(key, value)`, each `(batch, num_key_value_heads,
-    num_memory_slots, head_dim)`; the slots sit in front of the real keys like a prefix (the latent memory of Zhang et al., 2026).
-    Without it (a call without memory) this is the wrapped implementation unchanged, but for `memory_gates` (a
-    tuple over layers of `(num_attention_heads,)` gates, `memory_attention="gated"`): the slots are then the first
-    `memory_prefix_length` keys (in the cache) and [`gated_memory_attention`] reads them. Only the decoder's
-    attention modules call it: their config is a [`_LatentMemoryAttentionConfig`].
-    """
-    implementation = module.config._attn_implementation.removeprefix(LATENT_MEMORY_ATTENTION)
-    if implementation == "eager":  # the architecture's own
-        attention = DECODER_ARCHITECTURES[module.config.base_model_type].eager_attention
-    else:
-        attention = ALL_ATTENTION_FUNCTIONS[implementation]
-    if memory_gates is not None:
-        if latent_memory is not None:
-            memory_key, memory_value = latent_memory[module.layer_idx]
-        else:  # the slots are in the KV cache, in front of the text's keys
-            num_slots = module.config.memory_prefix_length
-            memory_key, key = key[:, :, :num_slots], key[:, :, num_slots:]
-            memory_value, value = value[:, :, :num_slots], value[:, :, num_slots:]
-            attention_mask = None if attention_mask is None else attention_mask[..., num_slots:]
-        output, weights = attention(module, query, key, value, attention_mask, **kwargs)  # the LLM's attention
-        memory_output = gated_memory_attention(module, query, memory_key, memory_value, memory_gates[module.layer_idx])
-        return output + memory_output.to(output.dtype), weights
-    if latent_memory is not None:
-        memory_key, memory_value = latent_memory[module.layer_idx]
-        num_slots, key_length = memory_key.shape[2], key.shape[2]
-        if attention_mask is None:  # the causal pattern was left implicit (sdpa's is_causal): spell it out
-            query_length = query.shape[2]
-            attention_mask = torch.ones(query_length, key_length, dtype=torch.bool, device=query.device)
-            attention_mask = attention_mask.tril(key_length - query_length)[None, None]
-        visible = (
-            torch.ones((), dtype=torch.bool, device=query.device)
-            if attention_mask.dtype == torch.bool
-            else torch.zeros((), dtype=attention_mask.dtype, device=query.device)
-        )
-        memory_columns = visible.expand(*attention_mask.shape[:-1], num_slots)
-        attention_mask = torch.cat([memory_columns, attention_mask], dim=-1)
-        key = torch.cat([memory_key.to(key.dtype), key], dim=2)
-        value = torch.cat([memory_value.to(value.dtype), value], dim=2)
-        if implementation == "sdpa" and query.device.type == "cpu" and not kwargs.get("output_attentions"):
-            # With a mask, transformers' sdpa path repeats the keys and values for every query head (a copy kept
-            # for backward in each layer); CPU's fused kernel takes the mask and the grouped keys as they are.
-            output = nn.functional.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, dropout_p=kwargs.get("dropout", 0.0),
-                scale=kwargs.get("scaling"), enable_gqa=query.shape[1] != key.shape[1],
-            )  # fmt: skip
-            return output.transpose(1, 2).contiguous(), None
-    return attention(module, query, key, value, attention_mask, **kwargs)
-
-
-def gated_memory_attention(module, query, memory_key, memory_value, gate):
-    """`memory_attention="gated"`: the part the latent memory adds to a layer's attention output,
-    `g * softmax(q K_mem^T / sqrt(head_dim)) V_mem`, with its own softmax over the slots (every slot visible to every
-    token) and a gate `g` per head that starts at 0 (zero-init attention, LLaMA-Adapter): `(batch, query_length,
-    heads, head_dim)`."""
-    memory_output = nn.functional.scaled_dot_product_attention(
-        query, memory_key.to(query.dtype), memory_value.to(query.dtype), scale=getattr(module, "scaling", None),
-        enable_gqa=query.shape[1] != memory_key.shape[1],
-    )  # fmt: skip
-    return gate.to(query.dtype)[:, None] * memory_output.transpose(1, 2)
-
-
-# Registered under private names that only the decoder's attention modules look up (through
-# `_LatentMemoryAttentionConfig`): `config._attn_implementation` stays the plain "eager" / "sdpa" everyone compares with.
-for _implementation in SUPPORTED_ATTENTION:
-    AttentionInterface.register(LATENT_MEMORY_ATTENTION + _implementation, latent_memory_attention)
-
-
-class _LatentMemoryAttentionConfig:
-    """The config a decoder layer's attention module reads: the model's own config, except that
-    `_attn_implementation` names the latent-memory wrapper of the model's implementation.
-
-    `LlamaAttention` looks its attention function up by `self.config._attn_implementation`; this view makes that one
-    lookup find [`latent_memory_attention`] while the model's config (and every submodel's) keeps the plain "eager" or
-    "sdpa". It reads the model's config at every call, so `set_attn_implementation` switches the decoder too; every
-    other attribute, read or written, is the model's config's.
-    """
-
-    def __init__(self, config: CVAELlamaConfig):
-        object.__setattr__(self, "_config", config)
-
-    @property
-    def _attn_implementation(self) -> str:
-        return LATENT_MEMORY_ATTENTION + self._config._attn_implementation
-
-    @_attn_implementation.setter
-    def _attn_implementation(self, value: str):
-        self._config._attn_implementation = value.removeprefix(LATENT_MEMORY_ATTENTION)
-
-    def __getattr__(self, name: str):
-        if name == "_config":  # not set yet (copy and pickle build the object without __init__)
-            raise AttributeError(name)
-        return getattr(self._config, name)
-
-    def __setattr__(self, name: str, value):
-        if name == "_attn_implementation":
-            object.__setattr__(self, name, value)  # the property's setter
-        else:
-            setattr(self._config, name, value)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._attn_implementation!r} of {type(self._config).__name__})"
-
-
+# ------------------------------------------------------------------------------------------------- the latent's math
 def reparameterize(latent_mean: torch.Tensor, latent_logvar: torch.Tensor, num_samples: int | None = None):
     """z = mu + sigma * eps, eps ~ N(0, I): `(batch, d)`, or `(num_samples, batch, d)` when `num_samples` is given."""
     shape = latent_mean.shape if num_samples is None else (num_samples, *latent_mean.shape)
@@ -255,26 +161,6 @@ def gaussian_kl(latent_mean: torch.Tensor, latent_logvar: torch.Tensor) -> torch
     return 0.5 * (latent_mean.pow(2) + latent_logvar.exp() - latent_logvar - 1.0)
 
 
-class _ReentrantMemoryGradient(torch.autograd.Function):
-    """Carry the memory's gradient across reentrant gradient checkpointing.
-
-    A reentrant checkpoint replays each layer in a backward call of its own, so a memory tensor captured in the
-    layer's keyword arguments would be backpropagated once per layer through a graph freed after the first. The
-    layers get detached stand-in leaves instead; this identity on the decoder's input embeddings runs its backward
-    after every layer's (it is upstream of all of them) and hands the leaves' accumulated gradients to the memory.
-    """
-
-    @staticmethod
-    def forward(ctx, inputs_embeds, leaves, *memory):
-        ctx.leaves = leaves
-        return inputs_embeds.view_as(inputs_embeds)
-
-    @staticmethod
-    def backward(ctx, grad):
-        memory_grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in ctx.leaves]
-        return grad, None, *memory_grads
-
-
 class ZeroInitLinear(nn.Linear):
     """A linear layer that [`CVAELlamaPreTrainedModel`] initialises to zero (weight and bias).
 
@@ -283,6 +169,7 @@ class ZeroInitLinear(nn.Linear):
     """
 
 
+# ------------------------------------------------------------------------------------------ the posterior encoder
 class CVAELlamaPosteriorNorm(nn.BatchNorm1d):
     """Batch normalisation of the posterior means, `(batch, latent_size)` (BN-VAE, Zhu et al., 2020). Evaluation uses
     the running statistics; `statistics` says what training normalises with (a training batch is often one prompt's
@@ -440,7 +327,19 @@ class CVAELlamaPosteriorEncoder(nn.Module):
             latent_mean = self.mean_norm(latent_mean)
         return latent_mean, latent_logvar.reshape(batch_size, -1)
 
+    def init_from_llm(self, llm: PreTrainedModel) -> None:
+        """Copy the LLM's embedding and first layers; the queries start at the mean token embedding, a neutral input
+        for the copied layers, plus a little noise so that they do not read out the same share of the latent."""
+        for index, layer in enumerate(self.layers):
+            layer.load_state_dict(llm.model.layers[index].state_dict())
+        self.embed_tokens.weight.copy_(llm.model.embed_tokens.weight)
+        if self.config.posterior_pooling == "queries":
+            queries = self.latent_queries
+            queries.copy_(llm.model.embed_tokens.weight.mean(dim=0, keepdim=True).expand_as(queries))
+            queries.add_(torch.randn_like(queries) * self.config.initializer_range)
 
+
+# ------------------------------------------------------------------------------------------------ the latent memory
 def rotate_slot_keys(keys: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """RoPE on the memory's keys `(..., slots, head_dim)`, as a prefix at positions 0 .. slots - 1 (keys only: the
     slots ask no queries)."""
@@ -453,7 +352,8 @@ class CVAELlamaLatentMemoryLayer(nn.Module):
 
     d -> sqrt(hidden) -> GELU -> slots * hidden, RMS-normed, then a copy of the layer's key and value projections
     (and of its key norm where the architecture has one, Qwen3's): the architecture's own modules, so that the slots'
-    keys are computed as the layer computes its tokens' keys.
+    keys are computed as the layer computes its tokens' keys. With `memory_attention="gated"`, a gate per head says
+    how much of the memory's own attention the layer adds (0 at first).
     """
 
     def __init__(self, config: CVAELlamaConfig, layer_idx: int = 0):
@@ -472,45 +372,249 @@ class CVAELlamaLatentMemoryLayer(nn.Module):
         self.head_dim = attention.head_dim
         self.k_proj, self.v_proj = attention.k_proj, attention.v_proj
         self.k_norm = getattr(attention, "k_norm", None)
-        # memory_attention="gated": how much of the memory's own attention each head adds (0 at first)
         gated = config.memory_attention == "gated"
         self.gate = nn.Parameter(torch.zeros(config.num_attention_heads)) if gated else None
 
-    def keys_and_values(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(batch, slots, hidden)` states -> keys and values `(batch, kv_heads, slots, head_dim)`, before RoPE."""
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        """`(batch, latent_size)` -> the slots' states `(batch, slots, hidden)`."""
+        return self.norm(self.to_states(latent).view(latent.shape[0], self.num_memory_slots, self.hidden_size))
+
+    def keys_and_values(self, states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
+        """`(batch, slots, hidden)` states -> keys (rotated as a prefix) and values `(batch, kv_heads, slots,
+        head_dim)`."""
+        states = states.contiguous()
         shape = (*states.shape[:2], -1, self.head_dim)
         key = self.k_proj(states).view(shape)
         if self.k_norm is not None:  # Qwen3: RMS norm over each head's key, before RoPE
             key = self.k_norm(key)
-        return key.transpose(1, 2), self.v_proj(states).view(shape).transpose(1, 2)
+        value = self.v_proj(states).view(shape).transpose(1, 2)
+        return rotate_slot_keys(key.transpose(1, 2), position_embeddings), value
 
-    def forward(self, latent: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
-        batch_size = latent.shape[0]
-        states = self.norm(self.to_states(latent).view(batch_size, self.num_memory_slots, self.hidden_size))
-        key, value = self.keys_and_values(states)
-        return rotate_slot_keys(key, position_embeddings), value
+    @torch.no_grad()
+    def init_from_llm(self, llm_layer: nn.Module, bos_state: torch.Tensor, probe: torch.Tensor) -> None:
+        """Start as the LLM's layer `llm_layer` sees a BOS token, with z's part a tenth of that state.
+
+        Each slot starts at the LLM's own input state of this layer for a BOS token (`bos_state`), so a fresh CVAE
+        attends to a BOS-like prefix and keeps the LLM's perplexity (random slots multiply it by ~100 on
+        SmolLM2-135M). The latent's part (measured on the latents `probe`) is scaled to a tenth of that state's norm:
+        BOS states are large in deep layers (attention sinks, norm ~300 on SmolLM2-135M), and an unscaled random part
+        (~0.3) would vanish under the RMS norm, leaving z invisible to the decoder. The slots are RMS-normed next, so
+        the state is stored divided by its RMS: the same forward, but parameters of size ~1, which Adam moves at the
+        same relative speed in every layer (stored at the BOS state's own size, a Yelp auto-encoder's latent carried
+        0.34 nats after 50 steps instead of 3.36).
+        """
+        attention = llm_layer.self_attn
+        self.k_proj.load_state_dict(attention.k_proj.state_dict())
+        self.v_proj.load_state_dict(attention.v_proj.state_dict())
+        if self.k_norm is not None:
+            self.k_norm.load_state_dict(attention.k_norm.state_dict())
+        self.norm.weight.copy_(llm_layer.input_layernorm.weight)
+        last = self.to_states[-1]
+        bos_state = bos_state / bos_state.pow(2).mean().sqrt().clamp(min=1e-12)  # RMS 1
+        last.bias.copy_(bos_state.repeat(self.num_memory_slots))
+        varying = (self.to_states(probe) - last.bias).norm(dim=-1).mean()
+        last.weight.mul_(LATENT_SHARE_AT_INIT * last.bias.norm() / varying.clamp(min=1e-12))
+
+
+@dataclass
+class LatentMemoryCall:
+    """What the decoder's attention receives as its `latent_memory` keyword in one forward call.
+
+    `states` holds each layer's slot states `(batch, slots, hidden)` when this call computes the slots' keys and
+    values (in each layer's own attention call, from that layer's projections); `None` when they are in the KV cache
+    already, or when there is no memory (the decoder run on its own). `in_cache`: the slots are the first keys and
+    values of the cache, in front of the text's; `fill_cache`: this call writes them there (the first call on an
+    empty cache, whose attention mask has no columns for them). `implementation` is the attention wrapped: "eager"
+    or "sdpa".
+    """
+
+    memory: "CVAELlamaLatentMemory"
+    implementation: str
+    states: tuple[torch.Tensor, ...] | None = None
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    in_cache: bool = False
+    fill_cache: bool = False
+
+    def keys_and_values(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer_idx`'s memory keys (rotated) and values, `(batch, kv_heads, slots, head_dim)`."""
+        layer = self.memory.layers[layer_idx]
+        return layer.keys_and_values(self.states[layer_idx], self.position_embeddings)
+
+
+def latent_memory_attention(module, query, key, value, attention_mask, latent_memory: LatentMemoryCall, **kwargs):
+    """Self-attention in which every real token also attends to the layer's latent memory slots (the latent memory
+    of Zhang et al., 2026): the function the decoder's attention modules call, registered with transformers'
+    `AttentionInterface` under `LATENT_MEMORY_ATTENTION`.
+
+    `memory_attention="joint"` puts the slots' keys in front of the text's, in one softmax; `"gated"` keeps the LLM's
+    attention over the text and adds [`gated_memory_attention`]. Without memory this is the wrapped implementation.
+    """
+    call, layer_idx = latent_memory, module.layer_idx
+    if call.implementation == "eager":  # the architecture's own
+        attention = DECODER_ARCHITECTURES[module.config.base_model_type].eager_attention
+    else:
+        attention = ALL_ATTENTION_FUNCTIONS[call.implementation]
+    memory_layer = call.memory.layers[layer_idx]
+    num_slots = memory_layer.num_memory_slots
+    if call.in_cache:  # the slots are the cache's first keys and values (see `CVAELlamaLatentMemory.attach`)
+        if call.fill_cache:  # the mask was made before they were there: every token sees them
+            attention_mask = mask_with_slots(attention_mask, query, key.shape[2] - num_slots, num_slots)
+        if memory_layer.gate is None:  # joint: keys like the text's
+            return attention(module, query, key, value, attention_mask, **kwargs)
+        memory_key, key = key[:, :, :num_slots], key[:, :, num_slots:]
+        memory_value, value = value[:, :, :num_slots], value[:, :, num_slots:]
+        attention_mask = None if attention_mask is None else attention_mask[..., num_slots:]
+    elif call.states is not None:
+        memory_key, memory_value = call.keys_and_values(layer_idx)
+    else:
+        return attention(module, query, key, value, attention_mask, **kwargs)
+    if memory_layer.gate is None:
+        return joint_memory_attention(
+            attention, module, query, key, value, attention_mask, memory_key, memory_value, call.implementation, **kwargs
+        )
+    output, weights = attention(module, query, key, value, attention_mask, **kwargs)  # the LLM's attention
+    memory_output = gated_memory_attention(module, query, memory_key, memory_value, memory_layer.gate)
+    return output + memory_output.to(output.dtype), weights
+
+
+def mask_with_slots(attention_mask, query, key_length: int, num_slots: int):
+    """`attention_mask` over `key_length` keys (or `None`: causal) with `num_slots` visible columns in front."""
+    if attention_mask is None:  # the causal pattern was left implicit (sdpa's is_causal): spell it out
+        query_length = query.shape[2]
+        attention_mask = torch.ones(query_length, key_length, dtype=torch.bool, device=query.device)
+        attention_mask = attention_mask.tril(key_length - query_length)[None, None]
+    visible = (
+        torch.ones((), dtype=torch.bool, device=query.device)
+        if attention_mask.dtype == torch.bool
+        else torch.zeros((), dtype=attention_mask.dtype, device=query.device)
+    )
+    return torch.cat([visible.expand(*attention_mask.shape[:-1], num_slots), attention_mask], dim=-1)
+
+
+def joint_memory_attention(attention, module, query, key, value, attention_mask, memory_key, memory_value,
+                           implementation: str, **kwargs):  # fmt: skip
+    """`memory_attention="joint"` with the slots passed in: their keys and values in front of the text's, visible to
+    every token, in one softmax."""
+    attention_mask = mask_with_slots(attention_mask, query, key.shape[2], memory_key.shape[2])
+    key = torch.cat([memory_key.to(key.dtype), key], dim=2)
+    value = torch.cat([memory_value.to(value.dtype), value], dim=2)
+    if implementation == "sdpa" and query.device.type == "cpu" and not kwargs.get("output_attentions"):
+        # With a mask, transformers' sdpa path repeats the keys and values for every query head (a copy kept
+        # for backward in each layer); CPU's fused kernel takes the mask and the grouped keys as they are.
+        output = nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=kwargs.get("dropout", 0.0),
+            scale=kwargs.get("scaling"), enable_gqa=query.shape[1] != key.shape[1],
+        )  # fmt: skip
+        return output.transpose(1, 2).contiguous(), None
+    return attention(module, query, key, value, attention_mask, **kwargs)
+
+
+def gated_memory_attention(module, query, memory_key, memory_value, gate):
+    """`memory_attention="gated"`: the part the latent memory adds to a layer's attention output,
+    `g * softmax(q K_mem^T / sqrt(head_dim)) V_mem`, with its own softmax over the slots (every slot visible to every
+    token) and a gate `g` per head that starts at 0 (zero-init attention, LLaMA-Adapter): `(batch, query_length,
+    heads, head_dim)`."""
+    memory_output = nn.functional.scaled_dot_product_attention(
+        query, memory_key.to(query.dtype), memory_value.to(query.dtype), scale=getattr(module, "scaling", None),
+        enable_gqa=query.shape[1] != memory_key.shape[1],
+    )  # fmt: skip
+    return gate.to(query.dtype)[:, None] * memory_output.transpose(1, 2)
+
+
+AttentionInterface.register(LATENT_MEMORY_ATTENTION, latent_memory_attention)
+
+
+def token_positions(attention_mask, sequence_length: int, past_length: int, device) -> torch.LongTensor:
+    """Positions of the real tokens counted from 0, `(batch or 1, sequence_length)`: from a 2-D `attention_mask`
+    (left padding does not shift them), else following `past_length` tokens already in the cache."""
+    if attention_mask is not None and attention_mask.ndim == 2:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -sequence_length:]
+    return torch.arange(past_length, past_length + sequence_length, device=device)[None]
+
+
+def decoder_checkpointing(decoder: nn.Module) -> bool:
+    """Whether this forward of `decoder` runs its layers under gradient checkpointing."""
+    return (
+        decoder.training and torch.is_grad_enabled() and any(layer.gradient_checkpointing for layer in decoder.layers)
+    )
+
+
+class _ReentrantMemoryGradient(torch.autograd.Function):
+    """Carry the memory's gradient across reentrant gradient checkpointing.
+
+    A reentrant checkpoint replays each layer in a backward call of its own, so a memory tensor captured in the
+    layer's keyword arguments would be backpropagated once per layer through a graph freed after the first. The
+    layers get detached stand-in leaves instead; this identity on the decoder's input embeddings runs its backward
+    after every layer's (it is upstream of all of them) and hands the leaves' accumulated gradients to the memory.
+    """
+
+    @staticmethod
+    def forward(ctx, inputs_embeds, leaves, *memory):
+        ctx.leaves = leaves
+        return inputs_embeds.view_as(inputs_embeds)
+
+    @staticmethod
+    def backward(ctx, grad):
+        memory_grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in ctx.leaves]
+        return grad, None, *memory_grads
 
 
 class CVAELlamaLatentMemory(nn.Module):
-    """One [`CVAELlamaLatentMemoryLayer`] per decoder layer; returns the per-layer `(key, value)` tuple."""
+    """The latent memory: everything about how z reaches the decoder's attention.
+
+    One [`CVAELlamaLatentMemoryLayer`] per decoder layer (the slots' states, keys, values and gate); the slots'
+    positions (0 .. slots - 1, in front of the real tokens); their place in the KV cache; the attention mask's columns
+    for them; and [`latent_memory_attention`], which the decoder's attention modules call ([`attach`]).
+    """
 
     def __init__(self, config: CVAELlamaConfig):
         super().__init__()
+        self.num_memory_slots = config.num_memory_slots
         self.layers = nn.ModuleList(
             [CVAELlamaLatentMemoryLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
 
-    def gates(self) -> tuple | None:
-        """The per-layer gates of `memory_attention="gated"` (else `None`), as the attention receives them."""
-        return None if self.layers[0].gate is None else tuple(layer.gate for layer in self.layers)
+    def attach(self, decoder: nn.Module) -> None:
+        """Make `decoder`'s attention modules call [`latent_memory_attention`]: they look their attention function
+        up by `self.config._attn_implementation`, so they get a copy of the config that names it, while the model's
+        config keeps the plain "eager" / "sdpa" that masks and tools read. Pre-hooks hand the decoder, when it runs
+        on its own, a call without memory (the model's attention unchanged), and write each layer's slots into an
+        empty KV cache from inside that layer's attention call, before its own keys."""
+        attention_config = copy.copy(decoder.config)
+        attention_config._attn_implementation_internal = LATENT_MEMORY_ATTENTION
+        for layer in decoder.layers:
+            layer.self_attn.config = attention_config
+            layer.self_attn.register_forward_pre_hook(self._write_slots_to_cache, with_kwargs=True)
+        decoder.register_forward_pre_hook(self._without_memory, with_kwargs=True)
 
-    def forward(self, latent: torch.Tensor, rotary_emb: nn.Module) -> tuple:
-        num_slots = self.layers[0].num_memory_slots
-        position_ids = torch.arange(num_slots, device=latent.device)[None]
-        position_embeddings = rotary_emb(latent, position_ids=position_ids)
+    def _without_memory(self, decoder: nn.Module, args: tuple, kwargs: dict):
+        if kwargs.get("latent_memory") is None:
+            kwargs["latent_memory"] = LatentMemoryCall(self, decoder.config._attn_implementation)
+        return args, kwargs
+
+    def _write_slots_to_cache(self, attention: nn.Module, args: tuple, kwargs: dict) -> None:
+        call = kwargs.get("latent_memory")
+        if call is not None and call.fill_cache:
+            cache = kwargs["cache"] if "cache" in kwargs else kwargs["past_key_values"]
+            cache.update(*call.keys_and_values(attention.layer_idx), attention.layer_idx)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        """`(batch, latent_size)` -> every layer's slot states `(batch, layers, slots, hidden)`."""
         if not self._stackable():
-            return tuple(layer(latent, position_embeddings) for layer in self.layers)
-        return self._stacked_forward(latent, position_embeddings)
+            return torch.stack([layer(latent) for layer in self.layers], dim=1)
+        return self._stacked_forward(latent).transpose(0, 1)
+
+    def keys_and_values(self, latent: torch.Tensor, rotary_emb: nn.Module) -> tuple:
+        """Every layer's memory keys and values for `latent`, `(key, value)` per layer, each `(batch, kv_heads,
+        slots, head_dim)`: what each layer's attention computes from its own projections, for inspection (a forward
+        computes them layer by layer, in each layer's attention call)."""
+        states = self(latent)
+        position_embeddings = rotary_emb(
+            states, position_ids=torch.arange(self.num_memory_slots, device=states.device)[None]
+        )
+        return tuple(
+            layer.keys_and_values(states[:, index], position_embeddings) for index, layer in enumerate(self.layers)
+        )
 
     def _stackable(self) -> bool:
         """Whether every layer's MLP and norm are the plain modules, on one device, with no hooks or wrappers
@@ -524,16 +628,17 @@ class CVAELlamaLatentMemory(nn.Module):
                 return False
             if any(part._forward_hooks or part._forward_pre_hooks or "forward" in vars(part) for part in parts):
                 return False
-        weights = [part.weight for layer in self.layers for part in (layer.to_states[0], layer.to_states[2], layer.norm)]
+        weights = [
+            part.weight for layer in self.layers for part in (layer.to_states[0], layer.to_states[2], layer.norm)
+        ]
         return len({weight.device for weight in weights}) == 1
 
-    def _stacked_forward(self, latent, position_embeddings) -> tuple:
-        """[`CVAELlamaLatentMemoryLayer`]'s maths for all layers at once: the MLPs as batched matrix products over
-        stacked weights, one RMS norm and one rotation for all layers. The key/value copies stay per layer (stacking
-        them would copy every layer's projections each step). A step of a small batch on a GPU is bound by kernel
-        launches, and this makes the memory's launches a few per layer instead of about seventy."""
+    def _stacked_forward(self, latent: torch.Tensor) -> torch.Tensor:
+        """The layers' MLPs at once, as batched matrix products over stacked weights, then each layer's norm:
+        `(layers, batch, slots, hidden)`. A step of a small batch on a GPU is bound by kernel launches, and this
+        makes the MLPs' launches a few in all instead of a few per layer."""
         first = self.layers[0]
-        num_layers, batch_size, num_slots = len(self.layers), latent.shape[0], first.num_memory_slots
+        num_layers, batch_size = len(self.layers), latent.shape[0]
 
         def stacked(name: str, index: int) -> torch.Tensor:
             return torch.stack([getattr(layer.to_states[index], name) for layer in self.layers])
@@ -543,18 +648,92 @@ class CVAELlamaLatentMemory(nn.Module):
                                stacked("weight", 0).transpose(1, 2))  # fmt: skip
         hidden = first.to_states[1](hidden)
         states = torch.baddbmm(stacked("bias", 2)[:, None], hidden, stacked("weight", 2).transpose(1, 2))
-        states = states.view(num_layers, batch_size, num_slots, first.hidden_size)
-        # LlamaRMSNorm: w * x / sqrt(mean(x^2) + eps), computed in float32
-        variance = states.float().pow(2).mean(-1, keepdim=True)
-        normed = (states.float() * torch.rsqrt(variance + first.norm.variance_epsilon)).to(states.dtype)
-        states = torch.stack([layer.norm.weight for layer in self.layers])[:, None, None] * normed
-        keys, values = zip(*(layer.keys_and_values(part) for layer, part in zip(self.layers, states.unbind(0))))
-        keys = rotate_slot_keys(torch.stack(keys), position_embeddings)  # (layers, batch, kv_heads, slots, head_dim)
-        return tuple(zip(keys.unbind(0), values))
+        states = states.view(num_layers, batch_size, self.num_memory_slots, first.hidden_size)
+        return torch.stack([layer.norm(part) for layer, part in zip(self.layers, states.unbind(0), strict=True)])
+
+    def slots_in_cache(self, cache: Cache | None, checkpointing: bool, sliding: bool) -> bool:
+        """Whether the slots are keys and values in the KV cache, written by the first call, so that a decoding step
+        copies nothing more than the LLM's: with a dynamic cache of plain layers (whose `update` returns the tensors
+        it keeps). Otherwise (no cache, as in training under gradient checkpointing; a static, quantised or sliding
+        window cache, which would evict the slots or hide them from tokens beyond the window) each call's attention
+        gets them, visible to every token."""
+        return (
+            isinstance(cache, DynamicCache) and not checkpointing and not sliding
+            and all(type(layer) is DynamicLayer for layer in cache.layers)
+            and getattr(cache, "layer_class_to_replicate", None) in (None, DynamicLayer)
+        )  # fmt: skip
+
+    def prepare(self, latent, states, inputs_embeds, attention_mask, position_ids, cache, decoder):
+        """The decoder's inputs for one forward call with the memory: `(inputs_embeds, attention_mask,
+        position_ids, call)`, the [`LatentMemoryCall`] its attention receives.
+
+        The real tokens take the positions after the slots'. With the slots in the cache, the first call writes
+        them there (each layer from its own attention call), and later calls give a 2-D attention mask their
+        columns. `states` are precomputed slot states (`generate` computes them once per call), else computed from
+        `latent`.
+        """
+        num_slots, sequence_length = self.num_memory_slots, inputs_embeds.shape[1]
+        checkpointing = decoder_checkpointing(decoder)
+        in_cache = self.slots_in_cache(cache, checkpointing, any(sliding_layers(decoder.config)))
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            real_past = max(past_length - num_slots, 0) if in_cache else past_length
+            position_ids = token_positions(attention_mask, sequence_length, real_past, inputs_embeds.device)
+        call = LatentMemoryCall(self, decoder.config._attn_implementation, in_cache=in_cache)
+        if not (in_cache and past_length):  # this call computes the slots' keys and values
+            states = self(latent) if states is None else self._check_states(states, inputs_embeds.shape[0])
+            call.states = states.unbind(1)
+            slot_positions = torch.arange(num_slots, device=states.device)[None]
+            call.position_embeddings = decoder.rotary_emb(states, position_ids=slot_positions)
+            call.fill_cache = in_cache
+        elif attention_mask is not None and attention_mask.ndim == 2:  # the cache's slots get their mask columns
+            slot_columns = attention_mask.new_ones(attention_mask.shape[0], num_slots)
+            attention_mask = torch.cat([slot_columns, attention_mask], dim=-1)
+        if checkpointing and call.states is not None and self._reentrant(decoder):
+            leaves = [state.detach().requires_grad_(state.requires_grad) for state in call.states]
+            inputs_embeds = _ReentrantMemoryGradient.apply(inputs_embeds, leaves, *call.states)
+            call.states = tuple(leaves)
+        return inputs_embeds, attention_mask, position_ids + num_slots, call
+
+    def _check_states(self, states, batch_size: int) -> torch.Tensor:
+        """Raise `ValueError` for precomputed slot states (`forward`'s `latent_memory`) of the wrong kind or shape."""
+        layer = self.layers[0]
+        expected = (batch_size, len(self.layers), self.num_memory_slots, layer.hidden_size)
+        if not isinstance(states, torch.Tensor) or tuple(states.shape) != expected:
+            found = tuple(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
+            raise ValueError(
+                f"latent_memory is {found} but the model expects the memory's slot states of shape {expected} "
+                "(batch, num_hidden_layers, num_memory_slots, hidden_size), as `model.latent_memory(latent)` gives"
+            )
+        return states
+
+    @staticmethod
+    def _reentrant(decoder: nn.Module) -> bool:
+        """Whether the decoder's layers are checkpointed with torch's reentrant checkpoint (its default)."""
+        for layer in decoder.layers:
+            if layer.gradient_checkpointing:
+                checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
+                return bool(getattr(checkpoint, "keywords", {}).get("use_reentrant", True))
+        return False
+
+    @torch.no_grad()
+    def init_from_llm(self, llm: PreTrainedModel) -> None:
+        """Each layer's slots start at the LLM's input state of that layer for a BOS token
+        ([`CVAELlamaLatentMemoryLayer.init_from_llm`])."""
+        bos_token_id = llm.config.bos_token_id if llm.config.bos_token_id is not None else 0
+        bos = torch.tensor([[bos_token_id]], device=llm.device)
+        bos_states = llm.model(input_ids=bos, output_hidden_states=True).hidden_states  # [l]: the input of layer l
+        latent_size = self.layers[0].to_states[0].in_features
+        probe = torch.randn(64, latent_size, generator=torch.Generator().manual_seed(0))
+        probe = probe.to(device=llm.device, dtype=llm.dtype)
+        for memory_layer, layer, state in zip(self.layers, llm.model.layers, bos_states, strict=False):
+            memory_layer.init_from_llm(layer, state[0, 0], probe)
 
 
+# -------------------------------------------------------------------------------------------------------- the skip
 class CVAELlamaLatentSkip(nn.Module):
-    """r = mean over samples of RMSNorm(MLP(z)): `(samples, batch, d)` -> `(batch, hidden)`.
+    """The skip connection from z to the final hidden states: r = mean over samples of RMSNorm(MLP(z)),
+    `(samples, batch, d)` -> `(batch, hidden)`.
 
     G-Skip adds `r - r.detach()` to the final hidden states (zero forward, a short gradient path to the encoder);
     the plain skip adds `r`.
@@ -562,6 +741,7 @@ class CVAELlamaLatentSkip(nn.Module):
 
     def __init__(self, config: CVAELlamaConfig):
         super().__init__()
+        self.config = config
         self.to_hidden = nn.Sequential(
             nn.Linear(config.latent_size, config.hidden_size),
             nn.SiLU(),
@@ -572,12 +752,27 @@ class CVAELlamaLatentSkip(nn.Module):
     def forward(self, latent_samples: torch.Tensor) -> torch.Tensor:
         return self.norm(self.to_hidden(latent_samples)).mean(dim=0)
 
+    def add_to(self, hidden_states, latent, latent_mean=None, latent_logvar=None) -> torch.Tensor:
+        """`hidden_states` `(batch, seq, hidden)` with the skip added: in training from the posterior, K =
+        `gskip_samples` reparameterised samples of q averaged; else the latent itself."""
+        if latent_mean is not None and self.training:
+            samples = reparameterize(latent_mean, latent_logvar, self.config.gskip_samples)
+        else:
+            samples = latent[None]
+        if self.config.skip_connection == "skip":
+            return hidden_states + self(samples)[:, None]
+        if latent_mean is not None and torch.is_grad_enabled():
+            # G-Skip: r - r.detach() is exactly zero forward; backward it is a short path to the encoder
+            skip = self(samples)
+            return hidden_states + (skip - skip.detach())[:, None]
+        return hidden_states
+
 
 def _refuse_training_without_the_latent(decoder: nn.Module, args: tuple, kwargs: dict) -> None:
     """A forward pre-hook of the CVAE's decoder (`model.model`): in training, with gradients, the decoder runs only
     inside the CVAE's forward, which passes it the latent memory. A caller that runs the backbone alone (trl's fused
-    LM head in `SFTTrainer` and `DPOTrainer` does: it replaces `model.forward` with `model.base_model` + a chunked
-    log-softmax) would train the LLM without the latent, and the encoder would get no gradient at all."""
+    LM head in `SFTTrainer` and `DPOTrainer` does) would train the LLM without the latent, and the encoder would get
+    no gradient at all."""
     if decoder.training and torch.is_grad_enabled() and "latent_memory" not in kwargs:
         raise RuntimeError(
             "the CVAE's decoder (model.model) was called on its own in training, without the latent: the encoder "
@@ -588,6 +783,7 @@ def _refuse_training_without_the_latent(decoder: nn.Module, args: tuple, kwargs:
         )
 
 
+# ------------------------------------------------------------------------------------------------------- the models
 class CVAELlamaPreTrainedModel(PreTrainedModel):
     config_class = CVAELlamaConfig
     config: CVAELlamaConfig
@@ -601,11 +797,10 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
 
     def get_correct_attn_implementation(self, requested_attention, is_init_check=False):
-        # "eager" or "sdpa" (sdpa by default), under its plain name: the decoder's attention modules reach the
-        # latent-memory wrapper of it through `_LatentMemoryAttentionConfig`. (A prefixed name, as configs of earlier
-        # versions held, means the same.)
+        # "eager" or "sdpa" (sdpa by default), which the latent memory's attention wraps (configs of earlier versions
+        # named the wrapper, "cvae_latent_memory|sdpa": the same)
         if isinstance(requested_attention, str):
-            requested_attention = requested_attention.removeprefix(LATENT_MEMORY_ATTENTION)
+            requested_attention = requested_attention.removeprefix(LATENT_MEMORY_ATTENTION + "|")
         implementation = super().get_correct_attn_implementation(requested_attention, is_init_check)
         if implementation not in SUPPORTED_ATTENTION:
             raise ValueError(
@@ -625,88 +820,11 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
         elif isinstance(module, CVAELlamaPosteriorEncoder) and hasattr(module, "latent_queries"):
             init.normal_(module.latent_queries, mean=0.0, std=self.config.initializer_range)
 
-
-class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
-    r"""
-    A causal LM (`self.model`, `self.lm_head`, with the checkpoint names of the wrapped architecture's
-    `...ForCausalLM`: `DECODER_ARCHITECTURES[config.base_model_type]`) conditioned
-    on a latent `z` of size `config.latent_size`, with a posterior encoder (`self.encoder`), a per-layer latent
-    memory (`self.latent_memory`), an optional embedding injection (`self.latent_to_embedding`) and the skip
-    connection (`self.latent_skip`, G-Skip by default).
-
-    Example:
-
-    ```python
-    >>> import torch
-    >>> from transformers import LlamaConfig
-    >>> from cvae_llama import CVAELlamaConfig, CVAELlamaForCausalLM
-    >>> config = CVAELlamaConfig.from_llama_config(LlamaConfig(hidden_size=32, intermediate_size=64,
-    ...     num_hidden_layers=2, num_attention_heads=4, vocab_size=99, bos_token_id=1), latent_size=8)
-    >>> model = CVAELlamaForCausalLM(config).eval()
-    >>> z = model.sample_prior(2)                                   # (2, 8) from N(0, I)
-    >>> out = model.generate(latent=z, max_new_tokens=5, do_sample=False)
-    >>> out.shape
-    torch.Size([2, 6])
-    ```
-    """
-
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    # As `LlamaForCausalLM`'s: the decoder's plan (`model.*`, from the config) shards `model.embed_tokens`, so the
-    # head tied to it is sharded too
-    _tp_plan = {"lm_head": "colwise_gather_output"}
-    # The memory's keys and values join each decoder layer's own, whose heads the plan shards: they are sharded alike.
-    _latent_memory_tp_plan = {"latent_memory.layers.*.k_proj": "colwise", "latent_memory.layers.*.v_proj": "colwise"}
-
-    def __init__(self, config: CVAELlamaConfig):
-        super().__init__(config)
-        self.model = DECODER_ARCHITECTURES[config.base_model_type].model(config)
-        for layer in self.model.layers:  # the decoder's attention finds the latent-memory wrapper of its function
-            layer.self_attn.config = _LatentMemoryAttentionConfig(config)
-        self.model.register_forward_pre_hook(_refuse_training_without_the_latent, with_kwargs=True)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.encoder = CVAELlamaPosteriorEncoder(config)
-        self.latent_memory = CVAELlamaLatentMemory(config) if config.uses_memory else None
-        self.latent_to_embedding = (
-            nn.Sequential(
-                nn.Linear(config.latent_size, config.hidden_size),
-                nn.SiLU(),
-                ZeroInitLinear(config.hidden_size, config.hidden_size),
-            )
-            if config.uses_embedding_injection
-            else None
-        )
-        self.latent_skip = CVAELlamaLatentSkip(config) if config.skip_connection != "none" else None
-        self.post_init()
+    def tie_weights(self, *args, **kwargs):
+        # transformers calls this whenever it puts parameters in place (building, loading, resizing the vocabulary),
+        # and parameters put in place train: the decoder mode's freezing is applied here, its one home
+        super().tie_weights(*args, **kwargs)
         self.apply_decoder_mode()
-
-    def init_parallel_plans(self) -> None:
-        super().init_parallel_plans()  # (called by post_init)
-        if self._tp_plan and getattr(self, "latent_memory", None) is not None:
-            self._tp_plan.update(self._latent_memory_tp_plan)
-            if self.latent_memory.layers[0].k_norm is not None:  # as the decoder's own key norms (Qwen3)
-                self._tp_plan["latent_memory.layers.*.k_norm"] = "replicated_with_grad_allreduce"
-
-    # ---------------------------------------------------------------------------------------------- parameters
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
-
-    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
-        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
-        # the encoder's own copy of the embedding follows the decoder's vocabulary
-        self.encoder.embed_tokens = self._get_resized_embeddings(
-            self.encoder.embed_tokens, embeddings.num_embeddings, None, mean_resizing
-        )
-        self.apply_decoder_mode()
-        return embeddings
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """The model's parameters by component: `encoder`, `latent_memory`, `skip` (the skip connection, the
@@ -728,9 +846,9 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
         """Names of the parameters that `config.decoder_mode` freezes.
 
         Every mode freezes the encoder's embedding copy and the memory's key / value projections (and key norms):
-        they are copies of the LLM's embedding and attention projections, as in the authors' stage 2, and training them would cost 16 bytes a
-        parameter with AdamW (at SmolLM2's shape the embedding copy alone is a fifth of the LLM). `"frozen"` and
-        `"lora"` also freeze the LLM (decoder and head); `"full"` trains it.
+        they are copies of the LLM's embedding and attention projections, as in the authors' stage 2, and training
+        them would cost 16 bytes a parameter with AdamW (at SmolLM2's shape the embedding copy alone is a fifth of
+        the LLM). `"frozen"` and `"lora"` also freeze the LLM (decoder and head); `"full"` trains it.
         """
         frozen = {name for name, _ in self.encoder.named_parameters(prefix="encoder") if ".embed_tokens." in name}
         if self.latent_memory is not None:
@@ -771,7 +889,54 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             print(f"{group:<15}{counts['trainable']:>15,}{counts['frozen']:>15,}")
         return breakdown
 
-    # ---------------------------------------------------------------------------------------------- latent
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # a saved folder is a complete Hub repo: its auto_map names AutoModel as well as AutoConfig and
+        # AutoModelForCausalLM (the latter two are added by transformers for a class registered for auto classes)
+        if self._auto_class is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoModel", f"modeling_cvae_llama.{type(self).__name__}")
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class CVAELlamaModel(CVAELlamaPreTrainedModel):
+    r"""
+    The CVAE without its LM head: the decoder (`self.model`, the wrapped architecture's own model class:
+    `DECODER_ARCHITECTURES[config.base_model_type].model`) run with a latent `z` of size `config.latent_size`, which
+    reaches it through the latent memory (`self.latent_memory`), an optional embedding injection
+    (`self.latent_to_embedding`) and the skip connection (`self.latent_skip`, G-Skip by default); the posterior
+    encoder (`self.encoder`) gives z from a text. Its forward returns the final hidden states.
+    """
+
+    def __init__(self, config: CVAELlamaConfig, lm_head: bool = False):
+        super().__init__(config)
+        self.model = DECODER_ARCHITECTURES[config.base_model_type].model(config)
+        self.model.register_forward_pre_hook(_refuse_training_without_the_latent, with_kwargs=True)
+        # the causal LM's head comes right after the decoder, as in the LLM's checkpoints (and so its weights
+        # initialise in the order they always did)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if lm_head else None
+        self.encoder = CVAELlamaPosteriorEncoder(config)
+        self.latent_memory = CVAELlamaLatentMemory(config) if config.uses_memory else None
+        if self.latent_memory is not None:
+            self.latent_memory.attach(self.model)
+        self.latent_to_embedding = (
+            nn.Sequential(
+                nn.Linear(config.latent_size, config.hidden_size),
+                nn.SiLU(),
+                ZeroInitLinear(config.hidden_size, config.hidden_size),
+            )
+            if config.uses_embedding_injection
+            else None
+        )
+        self.latent_skip = CVAELlamaLatentSkip(config) if config.skip_connection != "none" else None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
     def encode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
         """Posterior q(z | x, y) of the token sequence `x + y`: `(latent_mean, latent_logvar)`, each
         `(batch, latent_size)`."""
@@ -795,7 +960,7 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
                     f"each of shape {expected} (batch, latent_size)"
                 )
 
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, labels, posterior_input_ids) -> None:
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, posterior_input_ids) -> None:
         """Raise `ValueError`, naming the argument and its shape or value, for inputs `forward` cannot use."""
         if input_ids is not None:
             self._check_input_ids(input_ids)
@@ -810,8 +975,6 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             shape = tuple(inputs_embeds.shape[:2])
         if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 and attention_mask.shape != shape:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but the inputs have {shape}")
-        if isinstance(labels, torch.Tensor) and labels.shape != shape:
-            raise ValueError(f"labels has shape {tuple(labels.shape)} but the inputs have {shape}")
         if posterior_input_ids is not None:
             self._check_input_ids(posterior_input_ids, "posterior_input_ids")
 
@@ -880,17 +1043,149 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             )
         return latent.to(device=self.device, dtype=self.dtype)
 
-    def _uses_reentrant_checkpointing(self) -> bool:
-        """Whether this forward runs decoder layers under reentrant gradient checkpointing."""
-        if not (self.training and torch.is_grad_enabled()):
-            return False
-        for layer in self.model.layers:
-            if layer.gradient_checkpointing:
-                checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
-                return bool(getattr(checkpoint, "keywords", {}).get("use_reentrant", True))  # torch's default
-        return False
+    def _resolve_latent(self, batch_size, input_ids, attention_mask, latent, posterior_input_ids,
+                        posterior_attention_mask, latent_mean, latent_logvar, encode_input_ids: bool):  # fmt: skip
+        """The latent this call conditions on, `(batch, latent_size)`, and the posterior it came from (`None`, `None`
+        for a given latent or the prior's mean): see [`CVAELlamaForCausalLM.forward`]'s `latent`."""
+        if latent_mean is not None or latent_logvar is not None:
+            self._check_posterior(latent_mean, latent_logvar, latent, batch_size)
+        elif latent is not None:
+            return self._check_latent(latent, batch_size), None, None
+        else:
+            if posterior_input_ids is None and (encode_input_ids or self.training) and input_ids is not None:
+                posterior_input_ids, posterior_attention_mask = input_ids, attention_mask
+            if posterior_input_ids is None:  # the prior's mean
+                return (
+                    torch.zeros(batch_size, self.config.latent_size, device=self.device, dtype=self.dtype),
+                    None,
+                    None,
+                )
+            if posterior_input_ids.shape[0] != batch_size:
+                raise ValueError(
+                    f"posterior_input_ids has batch size {posterior_input_ids.shape[0]} but input_ids has {batch_size}"
+                )
+            latent_mean, latent_logvar = self.encode(posterior_input_ids, posterior_attention_mask)
+        # in training one reparameterised sample of the posterior, in evaluation its mean
+        latent = reparameterize(latent_mean, latent_logvar) if self.training else latent_mean
+        return latent, latent_mean, latent_logvar
 
-    # ---------------------------------------------------------------------------------------------- forward
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        latent: torch.FloatTensor | None = None,
+        posterior_input_ids: torch.LongTensor | None = None,
+        posterior_attention_mask: torch.Tensor | None = None,
+        latent_memory: torch.FloatTensor | None = None,
+        latent_mean: torch.FloatTensor | None = None,
+        latent_logvar: torch.FloatTensor | None = None,
+        encode_input_ids: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CVAELlamaModelOutput:
+        r"""
+        The arguments of [`CVAELlamaForCausalLM.forward`] but `labels` and `logits_to_keep`; `encode_input_ids`:
+        use the posterior of `input_ids` when no latent is given, as in training mode (the causal LM sets it when it
+        has labels).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if cache is None or cache.get_seq_length() == 0:  # user inputs (later decoding steps are the model's own)
+            self._check_inputs(input_ids, inputs_embeds, attention_mask, posterior_input_ids)
+        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        latent, latent_mean, latent_logvar = self._resolve_latent(
+            batch_size, input_ids, attention_mask, latent, posterior_input_ids, posterior_attention_mask,
+            latent_mean, latent_logvar, encode_input_ids,
+        )  # fmt: skip
+
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        if self.latent_to_embedding is not None:
+            inputs_embeds = inputs_embeds + self.latent_to_embedding(latent)[:, None]
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and cache is None and not decoder_checkpointing(self.model):
+            cache = DynamicCache(config=self.config)
+        memory = None
+        if self.latent_memory is not None:
+            inputs_embeds, attention_mask, position_ids, memory = self.latent_memory.prepare(
+                latent, latent_memory, inputs_embeds, attention_mask, position_ids, cache, self.model
+            )
+        elif position_ids is None:
+            past_length = cache.get_seq_length() if cache is not None else 0
+            position_ids = token_positions(attention_mask, inputs_embeds.shape[1], past_length, inputs_embeds.device)
+        outputs = self.model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            use_cache=use_cache, latent_memory=memory, **kwargs,
+        )  # fmt: skip
+        hidden_states = outputs.last_hidden_state
+        if self.latent_skip is not None:
+            hidden_states = self.latent_skip.add_to(hidden_states, latent, latent_mean, latent_logvar)
+        return CVAELlamaModelOutput(
+            last_hidden_state=hidden_states, latent=latent, latent_mean=latent_mean, latent_logvar=latent_logvar,
+            cache=outputs.cache, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+        )  # fmt: skip
+
+
+class CVAELlamaForCausalLM(CVAELlamaModel, GenerationMixin):
+    r"""
+    A causal LM conditioned on a latent `z` of size `config.latent_size`: [`CVAELlamaModel`] and the LM head
+    (`self.lm_head`), with the checkpoint names of the wrapped architecture's `...ForCausalLM`. It extends the base
+    model (rather than holding it at `self.model`, as `LlamaForCausalLM` holds `LlamaModel`) so that the decoder
+    stays at `model.model`, where tools reach for it, and checkpoints keep their names.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import LlamaConfig
+    >>> from cvae_llama import CVAELlamaConfig, CVAELlamaForCausalLM
+    >>> config = CVAELlamaConfig.from_llama_config(LlamaConfig(hidden_size=32, intermediate_size=64,
+    ...     num_hidden_layers=2, num_attention_heads=4, vocab_size=99, bos_token_id=1), latent_size=8)
+    >>> model = CVAELlamaForCausalLM(config).eval()
+    >>> z = model.sample_prior(2)                                   # (2, 8) from N(0, I)
+    >>> out = model.generate(latent=z, max_new_tokens=5, do_sample=False)
+    >>> out.shape
+    torch.Size([2, 6])
+    ```
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # As `LlamaForCausalLM`'s: the decoder's plan (`model.*`, from the config) shards `model.embed_tokens`, so the
+    # head tied to it is sharded too
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    # The memory's keys and values join each decoder layer's own, whose heads the plan shards: they are sharded alike.
+    _latent_memory_tp_plan = {"latent_memory.layers.*.k_proj": "colwise", "latent_memory.layers.*.v_proj": "colwise"}
+
+    def __init__(self, config: CVAELlamaConfig):
+        super().__init__(config, lm_head=True)
+
+    def init_parallel_plans(self) -> None:
+        super().init_parallel_plans()  # (called by post_init)
+        if self._tp_plan and getattr(self, "latent_memory", None) is not None:
+            self._tp_plan.update(self._latent_memory_tp_plan)
+            if self.latent_memory.layers[0].k_norm is not None:  # as the decoder's own key norms (Qwen3)
+                self._tp_plan["latent_memory.layers.*.k_norm"] = "replicated_with_grad_allreduce"
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        # the encoder's own copy of the embedding follows the decoder's vocabulary (its trainability kept)
+        self.encoder.embed_tokens = self._get_resized_embeddings(
+            self.encoder.embed_tokens, embeddings.num_embeddings, None, mean_resizing
+        )
+        return embeddings
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
@@ -906,7 +1201,7 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
         latent: torch.FloatTensor | None = None,
         posterior_input_ids: torch.LongTensor | None = None,
         posterior_attention_mask: torch.Tensor | None = None,
-        latent_memory: tuple | None = None,
+        latent_memory: torch.FloatTensor | None = None,
         latent_mean: torch.FloatTensor | None = None,
         latent_logvar: torch.FloatTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
@@ -931,137 +1226,43 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
                 posterior was used.
             posterior_input_ids, posterior_attention_mask (`(batch, posterior_length)`, *optional*):
                 The sequence the posterior encodes, when it differs from `input_ids`.
-            latent_memory (`tuple`, *optional*):
-                Precomputed memory (`self.latent_memory(latent, ...)`), as `generate` passes it once per call.
+            latent_memory (`torch.FloatTensor` of shape `(batch, num_hidden_layers, num_memory_slots, hidden_size)`,
+                *optional*):
+                The memory slots' states precomputed from the latent (`self.latent_memory(latent)`), as `generate`
+                passes them once per call.
             latent_mean, latent_logvar (`torch.FloatTensor` of shape `(batch, latent_size)`, *optional*):
                 A posterior computed outside `forward` (`self.encode(...)`), used as the posterior instead of
                 encoding: `CVAETrainer` encodes all the micro-batches of an optimizer step at once, so that the
                 posterior batch norm sees the step's rows when a device batch has one. Both or neither, not with
                 `latent`.
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if cache is None or cache.get_seq_length() == 0:  # user inputs (later decoding steps are the model's own)
-            self._check_inputs(input_ids, inputs_embeds, attention_mask, labels, posterior_input_ids)
-        batch_size, sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-
-        if latent_mean is not None or latent_logvar is not None:
-            self._check_posterior(latent_mean, latent_logvar, latent, batch_size)
-            latent = reparameterize(latent_mean, latent_logvar) if self.training else latent_mean
-        elif latent is None:
-            if posterior_input_ids is None and (labels is not None or self.training) and input_ids is not None:
-                posterior_input_ids, posterior_attention_mask = input_ids, attention_mask
-            if posterior_input_ids is not None:
-                if posterior_input_ids.shape[0] != batch_size:
-                    raise ValueError(
-                        f"posterior_input_ids has batch size {posterior_input_ids.shape[0]} but input_ids has "
-                        f"{batch_size}"
-                    )
-                latent_mean, latent_logvar = self.encode(posterior_input_ids, posterior_attention_mask)
-                latent = reparameterize(latent_mean, latent_logvar) if self.training else latent_mean
-            else:  # the prior's mean
-                latent = torch.zeros(batch_size, self.config.latent_size, device=self.device, dtype=self.dtype)
-        else:
-            latent = self._check_latent(latent, batch_size)
-
-        if inputs_embeds is None:
-            inputs_embeds = self.model.embed_tokens(input_ids)
-        if self.latent_to_embedding is not None:
-            inputs_embeds = inputs_embeds + self.latent_to_embedding(latent)[:, None]
-        num_slots = self.config.memory_prefix_length
-        checkpointing = (
-            self.training and torch.is_grad_enabled() and any(layer.gradient_checkpointing for layer in self.model.layers)
-        )
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
-        if use_cache and not checkpointing and cache is None:
-            cache = DynamicCache(config=self.config)
-        # Decoding keeps the slots in front of the KV cache (written by the first call), so a step copies nothing
-        # more than the LLM's; without a (dynamic) cache, e.g. in training under gradient checkpointing, the
-        # attention function receives them as a keyword argument instead.
-        # (Not with a sliding window, whose cache would evict the slots and whose mask would hide them from tokens
-        # beyond the window: the attention function then gets them at every step, visible to every token.)
-        memory_in_cache = (
-            num_slots > 0 and cache is not None and not cache.is_compileable and not checkpointing
-            and not any(sliding_layers(self.config))
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        if isinstance(labels, torch.Tensor) and isinstance(inputs, torch.Tensor) and labels.shape != inputs.shape[:2]:
+            raise ValueError(f"labels has shape {tuple(labels.shape)} but the inputs have {tuple(inputs.shape[:2])}")
+        outputs = super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, latent=latent, posterior_input_ids=posterior_input_ids,
+            posterior_attention_mask=posterior_attention_mask, latent_memory=latent_memory, latent_mean=latent_mean,
+            latent_logvar=latent_logvar, encode_input_ids=labels is not None, **kwargs,
         )  # fmt: skip
-        past_length = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:  # real tokens count from 0; the slots take the positions in front of them
-            if attention_mask is not None and attention_mask.ndim == 2:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -sequence_length:]
-            else:
-                real_past = max(past_length - num_slots, 0) if memory_in_cache else past_length
-                position_ids = torch.arange(real_past, real_past + sequence_length, device=inputs_embeds.device)
-                position_ids = position_ids[None]
-        position_ids = position_ids + num_slots
-
-        if self.latent_memory is not None and latent_memory is None and not (memory_in_cache and past_length):
-            latent_memory = self.latent_memory(latent, self.model.rotary_emb)
-        if memory_in_cache:
-            if past_length == 0:
-                for layer_idx, (key, value) in enumerate(latent_memory):
-                    cache.update(key, value, layer_idx)
-            if attention_mask is not None and attention_mask.ndim == 2:
-                attention_mask = torch.cat([attention_mask.new_ones(batch_size, num_slots), attention_mask], dim=-1)
-            latent_memory = None
-        if latent_memory is not None and self._uses_reentrant_checkpointing():
-            memory = [tensor for key_value in latent_memory for tensor in key_value]
-            leaves = [tensor.detach().requires_grad_(tensor.requires_grad) for tensor in memory]
-            inputs_embeds = _ReentrantMemoryGradient.apply(inputs_embeds, leaves, *memory)
-            latent_memory = tuple(zip(leaves[0::2], leaves[1::2]))
-
-        memory_gates = self.latent_memory.gates() if self.latent_memory is not None else None
-        if memory_gates is not None:
-            kwargs["memory_gates"] = memory_gates
-        outputs = self.model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            latent_memory=latent_memory,
-            **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state
-
-        if self.latent_skip is not None:
-            if latent_mean is not None and self.training:  # K reparameterised samples of q, averaged (G-Skip)
-                samples = reparameterize(latent_mean, latent_logvar, self.config.gskip_samples)
-            else:
-                samples = latent[None]
-            if self.config.skip_connection == "skip":
-                hidden_states = hidden_states + self.latent_skip(samples)[:, None]
-            elif latent_mean is not None and torch.is_grad_enabled():
-                # G-Skip: r - r.detach() is exactly zero forward; backward it is a short path to the encoder
-                skip = self.latent_skip(samples)
-                hidden_states = hidden_states + (skip - skip.detach())[:, None]
-
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
 
+        # the negative ELBO: -E_q[log p(y | x, z)] + KL(q(z | x, y) || p(z)), when the latent came from the posterior
         loss = reconstruction_loss = kl_loss = None
-        if latent_mean is not None:  # in float32, like the reconstruction loss of transformers' loss functions
-            kl_loss = gaussian_kl(latent_mean.float(), latent_logvar.float()).sum(-1).mean()
+        if outputs.latent_mean is not None:  # in float32, like the reconstruction loss of transformers' losses
+            kl_loss = gaussian_kl(outputs.latent_mean.float(), outputs.latent_logvar.float()).sum(-1).mean()
         if labels is not None:
             reconstruction_loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
             )
             loss = reconstruction_loss if kl_loss is None else reconstruction_loss + kl_loss
-
         return CVAELlamaOutput(
-            loss=loss,
-            logits=logits,
-            reconstruction_loss=reconstruction_loss,
-            kl_loss=kl_loss,
-            latent=latent,
-            latent_mean=latent_mean,
-            latent_logvar=latent_logvar,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+            loss=loss, logits=logits, reconstruction_loss=reconstruction_loss, kl_loss=kl_loss, latent=outputs.latent,
+            latent_mean=outputs.latent_mean, latent_logvar=outputs.latent_logvar, cache=outputs.cache,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+        )  # fmt: skip
 
-    # ---------------------------------------------------------------------------------------------- generate
     @torch.no_grad()
     def generate(self, inputs=None, generation_config=None, latent=None, latent_temperature: float = 1.0, **kwargs):
         r"""
@@ -1085,6 +1286,41 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
         elif num_return_sequences < 1:
             raise ValueError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}")
         num_beams = self._generation_setting("num_beams", generation_config, kwargs) or 1
+        prompt = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        if prompt is not None:
+            self._check_input_ids(prompt, "input_ids" if inputs is None else "inputs")
+        latent = self._latent_per_row(prompt, latent, latent_temperature, num_return_sequences, num_beams, kwargs)
+
+        # one latent per returned sequence: with num_beams = 1 the prompts are expanded here, one row per returned
+        # sequence, each with its own latent; with beam search the beams of a prompt share its latent
+        if prompt is None and kwargs.get("inputs_embeds") is None:
+            bos_token_id = self._generation_setting("bos_token_id", generation_config, kwargs)
+            if bos_token_id is None:
+                bos_token_id = self.config.bos_token_id
+            if bos_token_id is None:
+                raise ValueError("generate() without a prompt needs `bos_token_id` in the generation config")
+            prompt = torch.full((latent.shape[0], 1), bos_token_id, dtype=torch.long, device=self.device)
+        elif num_beams == 1 and num_return_sequences > 1:
+            tensors = {key: value for key, value in kwargs.items() if isinstance(value, torch.Tensor)}
+            prompt, tensors = self._expand_inputs_for_generation(num_return_sequences, False, prompt, **tensors)
+            kwargs.update(tensors)
+        if num_beams == 1 and num_return_sequences > 1:  # the rows are already one per returned sequence
+            if generation_config is None:
+                kwargs["num_return_sequences"] = 1
+            else:  # in a copy of the user's config: generate() deprecates a config together with such keywords
+                generation_config = copy.deepcopy(generation_config)
+                generation_config.num_return_sequences = 1
+                kwargs.pop("num_return_sequences", None)
+        # the memory's states, computed once per call (each layer computes their keys and values)
+        latent_memory = self.latent_memory(latent) if self.latent_memory is not None else None
+        return super().generate(
+            prompt, generation_config=generation_config, latent=latent, latent_memory=latent_memory, **kwargs
+        )
+
+    def _latent_per_row(self, prompt, latent, latent_temperature, num_return_sequences, num_beams, kwargs):
+        """The latent of each row `generate` decodes, `(rows, latent_size)`: one per returned sequence with
+        `num_beams` = 1, one per prompt with beam search; prior samples at `latent_temperature` where none is
+        given."""
         if (
             isinstance(latent_temperature, bool)
             or not isinstance(latent_temperature, (int, float))
@@ -1092,9 +1328,6 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             or latent_temperature < 0
         ):
             raise ValueError(f"latent_temperature must be a finite number >= 0, got {latent_temperature!r}")
-        prompt = inputs if inputs is not None else kwargs.pop("input_ids", None)
-        if prompt is not None:
-            self._check_input_ids(prompt, "input_ids" if inputs is None else "inputs")
         if latent is not None:
             latent = self._check_latent(latent)  # (given_rows, latent_size)
         if prompt is not None:
@@ -1107,13 +1340,10 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             batch_size = latent.shape[0] // num_return_sequences
         else:
             batch_size = latent.shape[0]
-
-        # one latent per returned sequence: with num_beams = 1 the prompts are expanded here, one row per returned
-        # sequence, each with its own latent; with beam search the beams of a prompt share its latent
         rows = batch_size * num_return_sequences if num_beams == 1 else batch_size
         if latent is None:
-            latent = self.sample_prior(rows, temperature=latent_temperature)
-        elif latent.shape[0] == batch_size and rows != batch_size:
+            return self.sample_prior(rows, temperature=latent_temperature)
+        if latent.shape[0] == batch_size and rows != batch_size:
             latent = latent.repeat_interleave(num_return_sequences, dim=0)
         elif num_beams > 1 and num_return_sequences > 1 and latent.shape[0] == batch_size * num_return_sequences:
             raise ValueError(
@@ -1127,33 +1357,7 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
                 f"num_return_sequences={num_return_sequences}: expected {batch_size} (one per prompt), {rows} (one "
                 f"per returned sequence) or 1"
             )
-        latent = self._check_latent(latent, rows)
-
-        if prompt is None and kwargs.get("inputs_embeds") is None:
-            bos_token_id = self._generation_setting("bos_token_id", generation_config, kwargs)
-            if bos_token_id is None:
-                bos_token_id = self.config.bos_token_id
-            if bos_token_id is None:
-                raise ValueError("generate() without a prompt needs `bos_token_id` in the generation config")
-            prompt = torch.full((rows, 1), bos_token_id, dtype=torch.long, device=self.device)
-        elif num_beams == 1 and num_return_sequences > 1:
-            tensors = {key: value for key, value in kwargs.items() if isinstance(value, torch.Tensor)}
-            prompt, tensors = super()._expand_inputs_for_generation(num_return_sequences, False, prompt, **tensors)
-            kwargs.update(tensors)
-        if num_beams == 1 and num_return_sequences > 1:  # the rows are already one per returned sequence
-            if generation_config is None:
-                kwargs["num_return_sequences"] = 1
-            else:  # in a copy of the user's config: generate() deprecates a config together with such keywords
-                generation_config = copy.deepcopy(generation_config)
-                generation_config.num_return_sequences = 1
-                kwargs.pop("num_return_sequences", None)
-
-        latent_memory = None
-        if self.latent_memory is not None:
-            latent_memory = self.latent_memory(latent, self.model.rotary_emb)  # built once, in front of the cache
-        return super().generate(
-            prompt, generation_config=generation_config, latent=latent, latent_memory=latent_memory, **kwargs
-        )
+        return self._check_latent(latent, rows)
 
     def _generation_setting(self, name: str, generation_config, kwargs: dict):
         """The value `generate` will use for `name`: its keyword, else the given config's, else the model's."""
@@ -1162,57 +1366,6 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
                 return value
         return None
 
-    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        # the memory is a tuple of per-layer tensors, which the generic expansion leaves alone
-        latent_memory = model_kwargs.pop("latent_memory", None)
-        input_ids, model_kwargs = super()._expand_inputs_for_generation(
-            expand_size, is_encoder_decoder, input_ids, **model_kwargs
-        )
-        if latent_memory is not None:
-            model_kwargs["latent_memory"] = tuple(
-                (key.repeat_interleave(expand_size, dim=0), value.repeat_interleave(expand_size, dim=0))
-                for key, value in latent_memory
-            )
-        return input_ids, model_kwargs
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        source = str(pretrained_model_name_or_path)
-        try:
-            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        except RuntimeError as error:  # transformers' refusal of weights whose shapes differ from the config's
-            if "ignore_mismatched_sizes" not in str(error):
-                raise
-            config = kwargs.get("config")
-            if not isinstance(config, CVAELlamaConfig):
-                config = cls.config_class.from_pretrained(pretrained_model_name_or_path)
-            fields = ", ".join(f"{name}={getattr(config, name)!r}" for name in (*CVAE_FIELDS, "vocab_size"))
-            raise ValueError(
-                f"the weights in {source!r} do not have the shapes its config gives ({fields}; see the load report "
-                "above for the tensors): its config.json was edited, or belongs to other weights"
-            ) from error
-        except Exception as error:
-            if type(error).__name__ != "SafetensorError":  # by name: this file imports only torch and transformers
-                raise
-            raise ValueError(
-                f"{source!r} holds a .safetensors file that cannot be read: it is truncated or corrupted ({error}); "
-                "save or download the model again"
-            ) from error
-        # loading puts new parameters in place (all trainable): freeze again what the decoder mode freezes
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        model.apply_decoder_mode()
-        return loaded
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        # a saved folder is a complete Hub repo: its auto_map names AutoModel as well as AutoConfig and
-        # AutoModelForCausalLM (the latter two are added by transformers for a class registered for auto classes)
-        if self._auto_class is not None:
-            auto_map = dict(getattr(self.config, "auto_map", None) or {})
-            auto_map.setdefault("AutoModel", f"modeling_cvae_llama.{type(self).__name__}")
-            self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
-    # ---------------------------------------------------------------------------------------------- from an LLM
     @classmethod
     def from_llm(cls, model_or_path, **kwargs) -> "CVAELlamaForCausalLM":
         """Build a CVAE around a pretrained LLM of a supported architecture (`LlamaForCausalLM`,
@@ -1236,7 +1389,9 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
             )
         architecture = DECODER_ARCHITECTURES.get(getattr(llm.config, "model_type", None))
         if architecture is None or not isinstance(llm, architecture.causal_lm):
-            supported = ", ".join(f"{arch.causal_lm.__name__} ({name!r})" for name, arch in DECODER_ARCHITECTURES.items())
+            supported = ", ".join(
+                f"{arch.causal_lm.__name__} ({name!r})" for name, arch in DECODER_ARCHITECTURES.items()
+            )
             raise ValueError(
                 f"from_llm supports the causal LMs {supported}; got {type(llm).__name__} (model_type "
                 f"{getattr(llm.config, 'model_type', None)!r})"
@@ -1246,57 +1401,25 @@ class CVAELlamaForCausalLM(CVAELlamaPreTrainedModel, GenerationMixin):
         # built where the LLM lives, in its dtype: an 8B CVAE built on CPU in float32 first takes minutes and 37 GB
         with torch.device(llm.device):
             model = cls._from_config(config, dtype=llm.dtype)
-        source = llm.state_dict()
         with torch.no_grad():
-            missing, unexpected = model.load_state_dict(source, strict=False)
+            missing, unexpected = model.load_state_dict(llm.state_dict(), strict=False)
             if unexpected:
                 raise ValueError(f"the LLM has weights the CVAE's decoder does not: {unexpected[:5]}")
-            for index, layer in enumerate(model.encoder.layers):
-                layer.load_state_dict(llm.model.layers[index].state_dict())
-            model.encoder.embed_tokens.weight.copy_(llm.model.embed_tokens.weight)
-            # the queries start at the mean token embedding, a neutral input for the copied layers, plus a little
-            # noise so that they do not read out the same share of the latent
-            if config.posterior_pooling == "queries":
-                queries = model.encoder.latent_queries
-                queries.copy_(llm.model.embed_tokens.weight.mean(dim=0, keepdim=True).expand_as(queries))
-                queries.add_(torch.randn_like(queries) * config.initializer_range)
+            model.encoder.init_from_llm(llm)
             if model.latent_memory is not None:
-                # Each layer's slots start at the LLM's own input state of that layer for a BOS token, so a fresh
-                # CVAE attends to a BOS-like prefix and keeps the LLM's perplexity (random slots multiply it by
-                # ~100 on SmolLM2-135M). The latent's part of the slots is scaled to a tenth of that state's norm:
-                # BOS states are large in deep layers (attention sinks, norm ~300 on SmolLM2-135M), and an unscaled
-                # random part (~0.3) would vanish under the RMS norm, leaving z invisible to the decoder.
-                # The slots are RMS-normed next, so the state is stored divided by its RMS: the same forward, but
-                # parameters of size ~1, which Adam (whose steps are ~lr per element, whatever the parameter's
-                # size) moves at the same relative speed in every layer. Stored at the BOS state's own size, a slot
-                # of a deep layer moved 1e-4 of its size per step at lr 1e-3, and a Yelp auto-encoder's latent
-                # carried 0.34 nats after 50 steps instead of 3.36 (experiments/README.md).
-                bos_token_id = llm.config.bos_token_id if llm.config.bos_token_id is not None else 0
-                bos = torch.tensor([[bos_token_id]], device=llm.device)
-                bos_states = llm.model(input_ids=bos, output_hidden_states=True).hidden_states  # [l]: input of l
-                probe = torch.randn(64, config.latent_size, generator=torch.Generator().manual_seed(0))
-                probe = probe.to(device=llm.device, dtype=llm.dtype)
-                for memory, layer, state in zip(model.latent_memory.layers, llm.model.layers, bos_states):
-                    memory.k_proj.load_state_dict(layer.self_attn.k_proj.state_dict())
-                    memory.v_proj.load_state_dict(layer.self_attn.v_proj.state_dict())
-                    if memory.k_norm is not None:
-                        memory.k_norm.load_state_dict(layer.self_attn.k_norm.state_dict())
-                    memory.norm.weight.copy_(layer.input_layernorm.weight)
-                    last = memory.to_states[-1]
-                    bos_state = state[0, 0] / state[0, 0].pow(2).mean().sqrt().clamp(min=1e-12)  # RMS 1
-                    last.bias.copy_(bos_state.repeat(config.num_memory_slots))
-                    varying = (memory.to_states(probe) - last.bias).norm(dim=-1).mean()
-                    last.weight.mul_(LATENT_SHARE_AT_INIT * last.bias.norm() / varying.clamp(min=1e-12))
+                model.latent_memory.init_from_llm(llm)
         model.generation_config = llm.generation_config.__class__.from_dict(llm.generation_config.to_dict())
         if getattr(llm, "name_or_path", None):
             model.config.base_model_name_or_path = llm.name_or_path
-        return model.apply_decoder_mode()
+        return model
 
 
 __all__ = [
     "CVAELlamaForCausalLM",
+    "CVAELlamaModel",
     "CVAELlamaPreTrainedModel",
     "CVAELlamaOutput",
+    "CVAELlamaModelOutput",
     "CVAELlamaPosteriorEncoder",
     "CVAELlamaLatentMemory",
     "CVAELlamaLatentSkip",

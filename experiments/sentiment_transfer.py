@@ -2,9 +2,9 @@
 
 A CVAE around SmolLM2-135M-Instruct (offline, `cvae_llama.pretrained.smollm2_path`) is trained with `CVAETrainer`'s
 default objective (density gap + G-Skip) on unconditional Yelp sentences of both sentiments (each sentence its own
-example, 16 a step). The direction is `cvae_llama.app.latent_direction(positive, negative)` over training sentences;
-held-out sentences move along it (`cvae_llama.app.transfer`: z + k * direction, negative sentences toward positive
-and positive ones with -k), decoded greedily. Reported per strength k: the share of the decodings that a bag-of-words
+example, 16 a step). The direction is `cvae_llama.latent_space.latent_direction(positive, negative)` over training
+sentences; held-out sentences move along it (`cvae_llama.latent_space.transfer`: z + k * direction, negative
+sentences toward positive and positive ones with -k), decoded greedily. Reported per strength k: the share of the decodings that a bag-of-words
 logistic regression (fitted on other Yelp sentences, its held-out accuracy printed) gives the target sentiment, and
 BLEU-4 of the decodings to their source sentences (sacrebleu). k = 0 is the reconstruction.
 
@@ -36,11 +36,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cvae_llama import CVAELlamaForCausalLM, CVAETrainer, CVAETrainingArguments  # noqa: E402
-from cvae_llama.app import latent_direction, transfer  # noqa: E402
 from cvae_llama.data.loaders import unconditional_rows  # noqa: E402
 from cvae_llama.evaluation.control import fit_logistic_regression  # noqa: E402
 from cvae_llama.export import save_trained_cvae, training_record  # noqa: E402
 from cvae_llama.latent_io import save_directions  # noqa: E402
+from cvae_llama.latent_space import latent_direction, transfer  # noqa: E402
 from cvae_llama.pretrained import smollm2_path  # noqa: E402
 
 

@@ -42,6 +42,7 @@ from cvae_llama.evaluation.control import (
     latent_guided_control,
     train_label_probe,
 )
+from cvae_llama.evaluation.generation import posterior_of_texts
 from cvae_llama.evaluation.language_modeling import causal_lm_nll, count_response_tokens, perplexity
 from cvae_llama.evaluation.utils import decoder_as_causal_lm
 from cvae_llama.loading import load_cvae
@@ -90,14 +91,9 @@ def train(args: argparse.Namespace, model: str) -> Path:
     return cvae
 
 
-@torch.no_grad()
 def posterior_means(model, tokenizer, texts: list[str], max_tokens: int, batch_size: int = 32) -> torch.Tensor:
-    collator = OneToManyCollator(tokenizer, 1, max_tokens + 1)
-    means = []
-    for start in range(0, len(texts), batch_size):
-        batch = collator([{"prompt": "", "responses": texts[start : start + batch_size]}])
-        means.append(model.encode(batch["input_ids"], batch["attention_mask"])[0].float())
-    return torch.cat(means)
+    """The posterior means of unconditional `texts` (no prompt), each within `max_tokens` tokens and EOS."""
+    return posterior_of_texts(model, tokenizer, [""] * len(texts), texts, 1, max_tokens + 1, batch_size)[0]
 
 
 @torch.no_grad()

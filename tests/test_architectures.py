@@ -112,7 +112,7 @@ def test_the_memory_keys_are_computed_as_the_architecture_computes_keys(base_mod
     latent = torch.randn(3, 8)
     num_slots = cvae.config.num_memory_slots
     with torch.no_grad():
-        memory = cvae.latent_memory(latent, cvae.model.rotary_emb)
+        memory = cvae.latent_memory.keys_and_values(latent, cvae.model.rotary_emb)
         cos, sin = cvae.model.rotary_emb(latent, position_ids=torch.arange(num_slots)[None])
         for index, (memory_layer, layer) in enumerate(zip(cvae.latent_memory.layers, cvae.model.layers, strict=True)):
             attention = layer.self_attn

@@ -46,6 +46,7 @@ from cvae_llama.data import (
     load_yelp,
     make_one_to_many,
 )
+from cvae_llama.loading import pretrained_cvae
 from cvae_llama.modeling_cvae_llama import CVAELlamaForCausalLM
 from cvae_llama.trainer import CVAETrainer, CVAETrainingArguments
 
@@ -202,15 +203,15 @@ CASES = {
         ValueError, ("model_type 'llama'", "from_llm"),
     ),
     "load: config.json edited to another latent_size": Case(
-        lambda i, o: CVAELlamaForCausalLM.from_pretrained(i / "edited"),
+        lambda i, o: pretrained_cvae(i / "edited"),
         ValueError, ("edited'", "latent_size=16", "do not have the shapes"),
     ),
     "load: truncated model.safetensors": Case(
-        lambda i, o: CVAELlamaForCausalLM.from_pretrained(i / "truncated"),
+        lambda i, o: pretrained_cvae(i / "truncated"),
         ValueError, ("truncated'", "truncated or corrupted"),
     ),
     "load: corrupted model.safetensors header": Case(
-        lambda i, o: CVAELlamaForCausalLM.from_pretrained(i / "corrupted"),
+        lambda i, o: pretrained_cvae(i / "corrupted"),
         ValueError, ("corrupted'", "truncated or corrupted", "header"),
     ),
     "from_llm: a base model of another architecture (gpt2 folder)": Case(

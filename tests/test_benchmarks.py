@@ -16,6 +16,7 @@ def run(*args):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_cpu_ratios_quick_prints_every_table():
     output = run(BENCHMARKS / "cpu_ratios.py", "--quick")
     for title in ("train step, depth sweep", "sequence-length sweep", "generate, greedy", "DG term + G-Skip",

@@ -163,6 +163,7 @@ def test_no_library_module_imports_the_command_line():
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_console_script_and_python_m():
     script = shutil.which("cvae-llama")
     assert script is not None, "the console script cvae-llama is not installed (pip install -e .)"

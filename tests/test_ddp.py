@@ -13,6 +13,8 @@ from ddp_train import main as train_main
 from safetensors.torch import load_file
 
 
+pytestmark = pytest.mark.slow  # two torchrun processes and a reference run per test
+
 SCRIPT = Path(__file__).with_name("ddp_train.py")
 REPO = Path(__file__).resolve().parents[1]
 

@@ -719,7 +719,7 @@ def test_evaluation_report_rejects_bad_input(saved_model, model, tokenizer, tmp_
         evaluation_report(saved_model, one_to_many_rows(num_responses=1), tmp_path, metrics=["latent"])
     llama_folder = tmp_path / "llama"
     LlamaForCausalLM(tiny_llama_config()).save_pretrained(llama_folder)
-    with pytest.raises(ValueError, match="holds a 'llama' model; expected a CVAE-Llama"):
+    with pytest.raises(ValueError, match="holds a 'llama' model, not a CVAE-Llama"):
         evaluation_report(llama_folder, rows, tmp_path, metrics=["latent"])
     with pytest.raises(ValueError, match="model must be a CVAELlamaForCausalLM"):
         evaluation_report(decoder_as_causal_lm(model), rows, tmp_path, metrics=["latent"], tokenizer=tokenizer)

@@ -1,7 +1,7 @@
-"""The latent explorer (`cvae_llama.app`, `cvae-llama explore`) on a tiny saved CVAE: each library call on its own and
-its bad-input errors; the Gradio page started on 127.0.0.1 and driven through `gradio_client`, every operation and a
-bad input that returns an error while the server goes on serving; the command line; and the page rendered by headless
-Chromium (skipped where no Chromium is installed)."""
+"""The latent explorer on a tiny saved CVAE: each library call of `cvae_llama.latent_space` on its own and its
+bad-input errors; the Gradio page (`cvae_llama.app`) started on 127.0.0.1 and driven through `gradio_client`, every
+operation and a bad input that returns an error while the server goes on serving; the command line (`cvae-llama
+explore`); and the page rendered by headless Chromium (skipped where no Chromium is installed)."""
 
 import json
 import os
@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_remote_code import saved_tiny_model
 
-from cvae_llama.app import explore
+from cvae_llama import latent_space
 from cvae_llama.cli import main
 from cvae_llama.evaluation.generation import posterior_of_texts
 from cvae_llama.evaluation.utils import generate_texts
@@ -75,11 +75,11 @@ def directions_file(folder) -> Path:
 
 
 def call(operation, loaded, *args, **kwargs):
-    """An operation of `explore` on the tiny CVAE with its budgets (and few new tokens where it decodes)."""
+    """An operation of `latent_space` on the tiny CVAE with its budgets (and few new tokens where it decodes)."""
     model, tokenizer = loaded
-    if operation in (explore.reconstruct, explore.interpolate, explore.transfer, explore.sample_prior):
+    if operation in (latent_space.reconstruct, latent_space.interpolate, latent_space.transfer, latent_space.sample_prior):
         kwargs.setdefault("max_new_tokens", NEW_TOKENS)
-    if operation is not explore.sample_prior:
+    if operation is not latent_space.sample_prior:
         kwargs.setdefault("max_response_tokens", BUDGETS["max_response_tokens"])
     kwargs.setdefault("max_prompt_tokens", BUDGETS["max_prompt_tokens"])
     return operation(model, tokenizer, *args, **kwargs)
@@ -99,68 +99,68 @@ def posterior_means(loaded, texts) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------- library
 def test_text_budgets_are_the_training_record_s(folder, tmp_path):
-    assert explore.text_budgets(folder) == BUDGETS
-    assert explore.text_budgets(tmp_path) == {"max_prompt_tokens": 64, "max_response_tokens": 64}  # no record
+    assert latent_space.text_budgets(folder) == BUDGETS
+    assert latent_space.text_budgets(tmp_path) == {"max_prompt_tokens": 64, "max_response_tokens": 64}  # no record
 
 
 def test_posterior_is_the_training_tokenisation_s_mean_and_std(loaded):
     model, tokenizer = loaded
-    mean, std = call(explore.posterior, loaded, "w5 w6 w7")
+    mean, std = call(latent_space.posterior, loaded, "w5 w6 w7")
     expected_mean, expected_logvar = posterior_of_texts(model, tokenizer, [""], ["w5 w6 w7"], **BUDGETS)
     assert mean.shape == std.shape == (8,)
     torch.testing.assert_close(mean, expected_mean[0])
     torch.testing.assert_close(std, (0.5 * expected_logvar[0]).exp())
-    other, _ = call(explore.posterior, loaded, "w60 w61")
+    other, _ = call(latent_space.posterior, loaded, "w60 w61")
     assert not torch.allclose(mean, other)  # a posterior of the text, not a constant
 
 
 def test_reconstruct_decodes_the_posterior_mean(loaded):
-    result = call(explore.reconstruct, loaded, TEXTS_A[:2])
+    result = call(latent_space.reconstruct, loaded, TEXTS_A[:2])
     assert result["reconstructions"] == decode(loaded, posterior_means(loaded, TEXTS_A[:2]))
     assert 0 <= result["bleu_4"] <= 100 and 0 <= result["rouge_l"] <= 1
 
 
 def test_sample_prior_is_seeded_and_scaled_by_the_temperature(loaded):
-    first = call(explore.sample_prior, loaded, num_samples=3, seed=7, temperature=0.5)
-    again = call(explore.sample_prior, loaded, num_samples=3, seed=7, temperature=0.5)
+    first = call(latent_space.sample_prior, loaded, num_samples=3, seed=7, temperature=0.5)
+    again = call(latent_space.sample_prior, loaded, num_samples=3, seed=7, temperature=0.5)
     torch.testing.assert_close(first["latents"], 0.5 * torch.randn(3, 8, generator=torch.Generator().manual_seed(7)))
     assert first["texts"] == again["texts"] == decode(loaded, first["latents"])
     assert len(set(first["texts"])) > 1  # different latents, different texts
-    other = call(explore.sample_prior, loaded, num_samples=3, seed=8, temperature=0.5)
+    other = call(latent_space.sample_prior, loaded, num_samples=3, seed=8, temperature=0.5)
     assert not torch.allclose(first["latents"], other["latents"])
-    cold = call(explore.sample_prior, loaded, num_samples=2, seed=7, temperature=0.0)
+    cold = call(latent_space.sample_prior, loaded, num_samples=2, seed=7, temperature=0.0)
     assert cold["latents"].abs().max() == 0 and cold["texts"][0] == cold["texts"][1]
 
 
 def test_interpolate_runs_from_one_reconstruction_to_the_other(loaded):
-    path = call(explore.interpolate, loaded, TEXTS_A[0], TEXTS_B[0], steps=5)
+    path = call(latent_space.interpolate, loaded, TEXTS_A[0], TEXTS_B[0], steps=5)
     assert path["t"] == [0.0, 0.25, 0.5, 0.75, 1.0] and len(path["texts"]) == 5
-    ends = call(explore.reconstruct, loaded, [TEXTS_A[0], TEXTS_B[0]])["reconstructions"]
+    ends = call(latent_space.reconstruct, loaded, [TEXTS_A[0], TEXTS_B[0]])["reconstructions"]
     assert [path["texts"][0], path["texts"][-1]] == ends
 
 
 def test_latent_direction_is_the_difference_of_the_mean_posterior_means(loaded):
-    direction = call(explore.latent_direction, loaded, TEXTS_A, TEXTS_B)
+    direction = call(latent_space.latent_direction, loaded, TEXTS_A, TEXTS_B)
     expected = posterior_means(loaded, TEXTS_A).mean(0) - posterior_means(loaded, TEXTS_B).mean(0)
     assert direction.shape == (8,)
     torch.testing.assert_close(direction, expected)
 
 
 def test_transfer_moves_the_posterior_means_along_the_direction(loaded):
-    direction = call(explore.latent_direction, loaded, TEXTS_A, TEXTS_B)
-    result = call(explore.transfer, loaded, TEXTS_B, direction, strength=1.0)
+    direction = call(latent_space.latent_direction, loaded, TEXTS_A, TEXTS_B)
+    result = call(latent_space.transfer, loaded, TEXTS_B, direction, strength=1.0)
     # strength 1 moves the mean of texts B onto the mean of texts A: latent arithmetic
     torch.testing.assert_close(result["latents"].mean(0), posterior_means(loaded, TEXTS_A).mean(0))
     assert result["texts"] == decode(loaded, result["latents"])
-    stronger = call(explore.transfer, loaded, TEXTS_B, direction.tolist(), strength=-2.5)  # a list works too
+    stronger = call(latent_space.transfer, loaded, TEXTS_B, direction.tolist(), strength=-2.5)  # a list works too
     torch.testing.assert_close(stronger["latents"], posterior_means(loaded, TEXTS_B) - 2.5 * direction)
-    unmoved = call(explore.transfer, loaded, TEXTS_B, direction, strength=0.0)
-    assert unmoved["texts"] == call(explore.reconstruct, loaded, TEXTS_B)["reconstructions"]
+    unmoved = call(latent_space.transfer, loaded, TEXTS_B, direction, strength=0.0)
+    assert unmoved["texts"] == call(latent_space.reconstruct, loaded, TEXTS_B)["reconstructions"]
 
 
 def test_project_2d_gives_the_principal_components_of_the_posterior_means(loaded):
     texts = TEXTS_A + TEXTS_B
-    result = call(explore.project_2d, loaded, texts, labels=["a"] * 3 + ["b"] * 2, batch_size=2)  # 3 batches
+    result = call(latent_space.project_2d, loaded, texts, labels=["a"] * 3 + ["b"] * 2, batch_size=2)  # 3 batches
     coordinates = torch.tensor([result["x"], result["y"]], dtype=torch.float64).T
     torch.testing.assert_close(result["latent_means"], posterior_means(loaded, texts))
     torch.testing.assert_close(coordinates.mean(0), torch.zeros(2, dtype=torch.float64))  # centred
@@ -168,13 +168,13 @@ def test_project_2d_gives_the_principal_components_of_the_posterior_means(loaded
     assert result["labels"] == ["a"] * 3 + ["b"] * 2
     first, second = result["explained_variance_ratio"]
     assert 0 < second <= first and first + second <= 1 + 1e-9
-    assert call(explore.project_2d, loaded, texts)["labels"] is None
+    assert call(latent_space.project_2d, loaded, texts)["labels"] is None
 
 
 def test_select_direction_by_label_name_or_index():
     directions = torch.eye(3)
-    torch.testing.assert_close(explore.select_direction(directions, ["neg", "neu", "pos"], "pos"), directions[2])
-    torch.testing.assert_close(explore.select_direction(directions, ["neg", "neu", "pos"], 1), directions[1])
+    torch.testing.assert_close(latent_space.select_direction(directions, ["neg", "neu", "pos"], "pos"), directions[2])
+    torch.testing.assert_close(latent_space.select_direction(directions, ["neg", "neu", "pos"], 1), directions[1])
 
 
 def test_saved_directions_are_read_back_with_their_labels(tmp_path):
@@ -187,7 +187,7 @@ def test_saved_directions_are_read_back_with_their_labels(tmp_path):
     read, names = read_directions(str(path), 8)
     torch.testing.assert_close(read, directions)
     assert names == ["positive", "negative"]
-    torch.testing.assert_close(explore.select_direction(read, names, "negative"), directions[1])
+    torch.testing.assert_close(latent_space.select_direction(read, names, "negative"), directions[1])
     with pytest.raises(ValueError, match=r"shape \(2, 8\) and 1 labels \['positive'\]: expected .* one label per row"):
         save_directions(tmp_path / "d.json", directions, ["positive"])
     with pytest.raises(ValueError, match=r"path '.*d.pt' has suffix '.pt'; expected .json"):
@@ -199,26 +199,26 @@ def test_saved_directions_are_read_back_with_their_labels(tmp_path):
 @pytest.mark.parametrize(
     ("operation", "args", "kwargs", "message"),
     [
-        (explore.posterior, (TOO_LONG,), {},
+        (latent_space.posterior, (TOO_LONG,), {},
          r"text 'w10 w11 .*' has 13 tokens but the model takes at most 12 \(max_response_tokens\)"),
-        (explore.reconstruct, (["w5", TOO_LONG],), {}, r"texts\[1\] .* has 13 tokens but the model takes at most 12"),
-        (explore.posterior, ("w5",), {"prompt": "w5 w6 w7 w8 w9 w10 w11"},
+        (latent_space.reconstruct, (["w5", TOO_LONG],), {}, r"texts\[1\] .* has 13 tokens but the model takes at most 12"),
+        (latent_space.posterior, ("w5",), {"prompt": "w5 w6 w7 w8 w9 w10 w11"},
          r"prompt 'w5 w6 w7 w8 w9 w10 w11' has 7 tokens but the model takes at most 6 \(max_prompt_tokens\)"),
-        (explore.posterior, ("  ",), {}, r"text is empty; expected a text to encode"),
-        (explore.posterior, (["w5"],), {}, r"text must be a string, got list"),
-        (explore.interpolate, ("w5", TOO_LONG), {}, r"text_b .* has 13 tokens"),
-        (explore.latent_direction, (["w5"], []), {}, r"texts_b has 0 text\(s\) but at least 1 are needed"),
-        (explore.transfer, (["w5"], torch.zeros(5)), {},
+        (latent_space.posterior, ("  ",), {}, r"text is empty; expected a text to encode"),
+        (latent_space.posterior, (["w5"],), {}, r"text must be a string, got list"),
+        (latent_space.interpolate, ("w5", TOO_LONG), {}, r"text_b .* has 13 tokens"),
+        (latent_space.latent_direction, (["w5"], []), {}, r"texts_b has 0 text\(s\) but at least 1 are needed"),
+        (latent_space.transfer, (["w5"], torch.zeros(5)), {},
          r"direction has shape \(5,\) but the model expects \(8,\), one number per latent dimension"),
-        (explore.transfer, (["w5"], torch.zeros(2, 8)), {}, r"direction has shape \(2, 8\) but the model expects"),
-        (explore.transfer, (["w5"], [float("nan")] * 8), {}, r"direction contains NaN or inf"),
-        (explore.transfer, (["w5"], torch.zeros(8)), {"strength": float("inf")},
+        (latent_space.transfer, (["w5"], torch.zeros(2, 8)), {}, r"direction has shape \(2, 8\) but the model expects"),
+        (latent_space.transfer, (["w5"], [float("nan")] * 8), {}, r"direction contains NaN or inf"),
+        (latent_space.transfer, (["w5"], torch.zeros(8)), {"strength": float("inf")},
          r"strength must be a finite number, got strength=inf"),
-        (explore.sample_prior, (), {"num_samples": 0}, r"num_samples must be an integer >= 1, got num_samples=0"),
-        (explore.sample_prior, (), {"temperature": -1.0}, r"latent_temperature must be a finite number >= 0"),
-        (explore.project_2d, (["w5"],), {}, r"texts has 1 text\(s\) but at least 2 are needed"),
-        (explore.project_2d, (["w5", "w6"],), {"labels": [0]}, r"labels has 1 entries but texts has 2"),
-        (explore.project_2d, (["w5", "w6"],), {"prompts": ["w5", "w5 w6 w7 w8 w9 w10 w11"]},
+        (latent_space.sample_prior, (), {"num_samples": 0}, r"num_samples must be an integer >= 1, got num_samples=0"),
+        (latent_space.sample_prior, (), {"temperature": -1.0}, r"latent_temperature must be a finite number >= 0"),
+        (latent_space.project_2d, (["w5"],), {}, r"texts has 1 text\(s\) but at least 2 are needed"),
+        (latent_space.project_2d, (["w5", "w6"],), {"labels": [0]}, r"labels has 1 entries but texts has 2"),
+        (latent_space.project_2d, (["w5", "w6"],), {"prompts": ["w5", "w5 w6 w7 w8 w9 w10 w11"]},
          r"prompts\[1\] 'w5 w6 w7 w8 w9 w10 w11' has 7 tokens but the model takes at most 6"),
     ],
 )  # fmt: skip
@@ -228,8 +228,19 @@ def test_bad_input_names_the_argument_the_value_and_what_is_expected(loaded, ope
 
 
 def test_an_unknown_label_lists_the_labels():
-    with pytest.raises(ValueError, match=r"label 'happy' is not one of the labels \['neg', 'pos'\]"):
-        explore.select_direction(torch.eye(2), ["neg", "pos"], "happy")
+    with pytest.raises(ValueError, match=r"label 'happy' is not one of the labels \['neg', 'pos'\] of the directions"):
+        latent_space.select_direction(torch.eye(2), ["neg", "pos"], "happy")
+    assert latent_space.label_index(["neg", "pos"], "pos") == 1 and latent_space.label_index(["neg", "pos"], 0) == 0
+    with pytest.raises(ValueError, match=r"--control_label '2' is not one of the labels \['neg', 'pos'\] of --dir"):
+        latent_space.label_index(["neg", "pos"], "2", "--control_label", "--directions")
+
+
+def test_the_app_package_re_exports_the_latent_space_calls():
+    """`from cvae_llama.app import transfer` (the path of earlier versions) gives the library call itself."""
+    import cvae_llama.app
+
+    for name in cvae_llama.app.__all__:
+        assert getattr(cvae_llama.app, name) is getattr(latent_space, name), name
 
 
 # ---------------------------------------------------------------------------------------------------- the page
@@ -263,33 +274,33 @@ def test_the_page_drives_every_operation(served, loaded, directions_file, tmp_pa
 
     _, client = served
     reconstruction, scores, plot, dimensions = client.predict(TEXTS_A[0], "", NEW_TOKENS, api_name="/encode")
-    assert reconstruction == call(explore.reconstruct, loaded, [TEXTS_A[0]])["reconstructions"][0]
-    mean, std = call(explore.posterior, loaded, TEXTS_A[0])
+    assert reconstruction == call(latent_space.reconstruct, loaded, [TEXTS_A[0]])["reconstructions"][0]
+    mean, std = call(latent_space.posterior, loaded, TEXTS_A[0])
     assert [row[0] for row in rows(dimensions)] == list(range(8))
     torch.testing.assert_close(torch.tensor([row[1:] for row in rows(dimensions)]), torch.stack([mean, std], 1),
                                atol=1e-4, rtol=0)  # fmt: skip
     assert "BLEU-4" in scores and plot["type"] == "matplotlib" and plot["plot"].startswith("data:image/")
 
     samples = client.predict("", 3, 0.7, 3, NEW_TOKENS, api_name="/sample_prior")
-    assert [row[2] for row in rows(samples)] == call(explore.sample_prior, loaded, num_samples=3, seed=3,
+    assert [row[2] for row in rows(samples)] == call(latent_space.sample_prior, loaded, num_samples=3, seed=3,
                                                      temperature=0.7)["texts"]  # fmt: skip
 
     table, at_start = client.predict(TEXTS_A[0], TEXTS_B[0], 5, "", NEW_TOKENS, api_name="/interpolate")
-    path = call(explore.interpolate, loaded, TEXTS_A[0], TEXTS_B[0], steps=5)
+    path = call(latent_space.interpolate, loaded, TEXTS_A[0], TEXTS_B[0], steps=5)
     assert [row[:2] for row in rows(table)] == [[t, text] for t, text in zip(path["t"], path["texts"], strict=True)]
     assert at_start == path["texts"][0]
     assert client.predict(0.8, api_name="/text_at_t") == path["texts"][3]  # the nearest step, t = 0.75
 
     moved, info = client.predict("example texts", "\n".join(TEXTS_A), "\n".join(TEXTS_B), None, None, 1.0,
                                  "\n".join(TEXTS_B), "", NEW_TOKENS, api_name="/transfer")  # fmt: skip
-    direction = call(explore.latent_direction, loaded, TEXTS_A, TEXTS_B)
-    expected = call(explore.transfer, loaded, TEXTS_B, direction, strength=1.0)["texts"]
+    direction = call(latent_space.latent_direction, loaded, TEXTS_A, TEXTS_B)
+    expected = call(latent_space.transfer, loaded, TEXTS_B, direction, strength=1.0)["texts"]
     assert rows(moved) == [[text, out] for text, out in zip(TEXTS_B, expected, strict=True)]
     assert f"norm {direction.norm():.3f}" in info
 
     # a label direction of the file given at launch, then of an uploaded file
     label_directions = torch.tensor(json.loads(directions_file.read_text())["control"]["directions"])
-    expected = call(explore.transfer, loaded, TEXTS_B, label_directions[1], strength=16.0)["texts"]
+    expected = call(latent_space.transfer, loaded, TEXTS_B, label_directions[1], strength=16.0)["texts"]
     moved, _ = client.predict("direction file", "", "", None, "1", 16.0, "\n".join(TEXTS_B), "", NEW_TOKENS,
                               api_name="/transfer")  # fmt: skip
     assert [row[1] for row in rows(moved)] == expected
@@ -303,7 +314,7 @@ def test_the_page_drives_every_operation(served, loaded, directions_file, tmp_pa
     texts_file.write_text("".join(json.dumps({"text": text, "label": label}) + "\n"
                                   for text, label in zip(TEXTS_A + TEXTS_B, "aaabb", strict=True)))  # fmt: skip
     scatter, info = client.predict(handle_file(str(texts_file)), 4, api_name="/project")
-    projection = call(explore.project_2d, loaded, (TEXTS_A + TEXTS_B)[:4], labels=list("aaab"))
+    projection = call(latent_space.project_2d, loaded, (TEXTS_A + TEXTS_B)[:4], labels=list("aaab"))
     assert [row[2:] for row in scatter["data"]] == [[label, text] for label, text in
                                                     zip("aaab", (TEXTS_A + TEXTS_B)[:4], strict=True)]  # fmt: skip
     torch.testing.assert_close(torch.tensor([row[:2] for row in scatter["data"]], dtype=torch.float64),
@@ -324,8 +335,8 @@ def test_the_transfer_tab_s_example_is_sentiment_transfer_and_runs(served, loade
     assert "sentiment transfer" in examples["label"]
     moved, _ = client.predict(FROM_EXAMPLES, positive, negative, None, None, 2.0, texts, "", NEW_TOKENS,
                               api_name="/transfer")  # fmt: skip
-    direction = call(explore.latent_direction, loaded, SENTIMENT_EXAMPLE["texts_a"], SENTIMENT_EXAMPLE["texts_b"])
-    expected = call(explore.transfer, loaded, SENTIMENT_EXAMPLE["texts"], direction, strength=2.0)["texts"]
+    direction = call(latent_space.latent_direction, loaded, SENTIMENT_EXAMPLE["texts_a"], SENTIMENT_EXAMPLE["texts_b"])
+    expected = call(latent_space.transfer, loaded, SENTIMENT_EXAMPLE["texts"], direction, strength=2.0)["texts"]
     assert [row[1] for row in rows(moved)] == expected
 
 
@@ -346,7 +357,7 @@ def test_bad_input_shows_an_error_and_the_server_goes_on(served, loaded, folder,
     with pytest.raises(AppError, match=r"no texts file"):
         client.predict(None, 10, api_name="/project")
     reconstruction, *_ = client.predict(TEXTS_A[0], "", NEW_TOKENS, api_name="/encode")  # still serving
-    assert reconstruction == call(explore.reconstruct, loaded, [TEXTS_A[0]])["reconstructions"][0]
+    assert reconstruction == call(latent_space.reconstruct, loaded, [TEXTS_A[0]])["reconstructions"][0]
 
 
 def test_launching_on_a_bad_folder_or_directions_raises(folder, tmp_path):

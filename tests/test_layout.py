@@ -125,9 +125,40 @@ def test_the_remote_code_files_import_only_torch_transformers_and_each_other():
             assert roots <= allowed, f"{name} imports {roots - allowed}"
 
 
+@pytest.mark.slow  # a fresh interpreter per module: about 6 s each, minutes in all
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_every_module_imports_on_its_own(name):
     # a fresh interpreter per module: an import that only works after another module was imported fails here
     finished = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True,
                               cwd=PACKAGE_ROOT.parent, timeout=300)  # fmt: skip
     assert finished.returncode == 0, finished.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ sizes a reader meets
+def function_lengths(path: Path) -> dict[str, int]:
+    """Lines of every function and method in a file (decorators, signature and docstring included)."""
+    lengths = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            start = min([node.lineno] + [decorator.lineno for decorator in node.decorator_list])
+            lengths[f"{path.relative_to(PACKAGE_ROOT.parent)}:{node.lineno} {node.name}"] = node.end_lineno - start + 1
+    return lengths
+
+
+def test_no_function_in_the_package_is_over_80_lines():
+    lengths = {name: length for path in MODULES.values() for name, length in function_lengths(path).items()}
+    assert max(lengths.values()) > 20  # the measure finds functions at all
+    assert {name: length for name, length in lengths.items() if length > 80} == {}
+
+
+def test_the_causal_lm_reads_like_transformers_llama():
+    """`CVAELlamaForCausalLM` at most 350 lines, its `forward` body (without signature and docstring) at most 60:
+    the decoder's run with the latent lives in the base model, the memory in its own module."""
+    tree = ast.parse((PACKAGE_ROOT / "modeling_cvae_llama.py").read_text())
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    causal_lm = classes["CVAELlamaForCausalLM"]
+    assert causal_lm.end_lineno - causal_lm.lineno + 1 <= 350
+    forward = next(node for node in causal_lm.body if isinstance(node, ast.FunctionDef) and node.name == "forward")
+    body = forward.body[1:] if isinstance(forward.body[0], ast.Expr) else forward.body  # without the docstring
+    assert 5 < body[-1].end_lineno - body[0].lineno + 1 <= 60
+    assert {"CVAELlamaModel", "CVAELlamaLatentMemory", "CVAELlamaPosteriorEncoder", "CVAELlamaLatentSkip"} <= set(classes)

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 TEXTS = [
     "the food was great and the staff were friendly .",

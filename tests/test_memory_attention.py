@@ -52,7 +52,7 @@ def test_a_fresh_gated_cvae_is_its_llm_for_any_latent(base_model_type, implement
 def test_joint_memory_attention_changes_a_fresh_cvae_and_is_the_default():
     """The paper's memory (one softmax over slots and text) is the default; its slots take attention mass."""
     llm, cvae = fresh_pair("llama", "sdpa", "joint")
-    assert CVAELlamaConfig().memory_attention == "joint" and cvae.latent_memory.gates() is None
+    assert CVAELlamaConfig().memory_attention == "joint" and cvae.latent_memory.layers[0].gate is None
     input_ids, attention_mask = inputs()
     with torch.no_grad():
         difference = llm(input_ids=input_ids).logits - cvae(input_ids=input_ids).logits
@@ -111,7 +111,7 @@ def test_a_folder_saved_before_the_field_loads_with_joint_memory(tmp_path):
     del saved["memory_attention"]
     config_path.write_text(json.dumps(saved))
     reloaded = CVAELlamaForCausalLM.from_pretrained(tmp_path)
-    assert reloaded.config.memory_attention == "joint" and reloaded.latent_memory.gates() is None
+    assert reloaded.config.memory_attention == "joint" and reloaded.latent_memory.layers[0].gate is None
 
 
 def test_an_unknown_memory_attention_is_refused():

@@ -23,7 +23,9 @@ from transformers.utils import logging
 
 from cvae_llama.configuration_cvae_llama import CVAELlamaConfig
 from cvae_llama.modeling_cvae_llama import (
+    LATENT_MEMORY_ATTENTION,
     CVAELlamaForCausalLM,
+    CVAELlamaModel,
     CVAELlamaOutput,
     ZeroInitLinear,
     gaussian_kl,
@@ -292,19 +294,16 @@ def test_stacked_latent_memory_computes_each_layers_own_forward(dtype):
             layer.norm.weight.normal_(1.0, 0.3)
     assert memory._stackable()
     latent = latents(3).to(dtype).requires_grad_()
-    stacked = memory(latent, model.model.rotary_emb)
-    slots = torch.arange(model.config.num_memory_slots)[None]
-    each = [layer(latent, model.model.rotary_emb(latent, position_ids=slots)) for layer in memory.layers]
+    stacked = memory(latent)  # (batch, layers, slots, hidden)
+    each = torch.stack([layer(latent) for layer in memory.layers], dim=1)
     close = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
-    for (key, value), (own_key, own_value) in zip(stacked, each, strict=True):
-        torch.testing.assert_close(key, own_key, **close)
-        torch.testing.assert_close(value, own_value, **close)
+    torch.testing.assert_close(stacked, each, **close)
 
     trained = [latent] + [p for p in memory.parameters() if p.requires_grad]
     assert len(trained) == 1 + 5 * len(memory.layers)  # the MLPs' and norms' weights; the k/v copies are frozen
 
-    def gradients(memory_out):
-        objective = sum((key.float() ** 2).sum() + (value.float() * 0.5).sum() for key, value in memory_out)
+    def gradients(states):
+        objective = (states.float() ** 2).sum() + (states.float() * torch.linspace(-1, 1, states.shape[-1])).sum()
         return torch.autograd.grad(objective, trained)
 
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
@@ -849,3 +848,112 @@ def test_from_llm_on_a_tiny_llama(tmp_path):
     llm.save_pretrained(tmp_path)
     from_folder = CVAELlamaForCausalLM.from_llm(tmp_path, latent_size=8)
     assert torch.equal(from_folder.model.embed_tokens.weight, llm.model.embed_tokens.weight)
+
+
+# ------------------------------------------------------------------------------------------ the latent memory's home
+def memory_call_order(model, run) -> list[tuple[str, int]]:
+    """The order in which decoder layers start and the memory's key projections run during `run()`."""
+    order, handles = [], []
+    for index, layer in enumerate(model.model.layers):
+        handles.append(layer.register_forward_pre_hook(lambda *_, i=index: order.append(("layer", i))))
+    for index, layer in enumerate(model.latent_memory.layers):
+        handles.append(layer.k_proj.register_forward_hook(lambda *_, i=index: order.append(("memory", i))))
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+@pytest.mark.parametrize("memory_attention", ["joint", "gated"])
+def test_each_layers_memory_keys_are_computed_inside_that_layers_call(memory_attention):
+    """Not all layers' keys up front: layer l's memory keys are computed while decoder layer l runs (so that an
+    FSDP-sharded layer has its weights gathered when they are read), in training, scoring and generation (the first
+    step only, when the slots go into the KV cache)."""
+    model = make_model(perturb_zero_init=True, memory_attention=memory_attention)
+    ids, latent = random_ids(2, 5), latents(2)
+    layers = range(model.config.num_hidden_layers)
+    interleaved = [entry for index in layers for entry in (("layer", index), ("memory", index))]
+    assert memory_call_order(model, lambda: model(ids, latent=latent)) == interleaved
+    model.train()
+    assert memory_call_order(model, lambda: model(ids, labels=ids)) == interleaved
+    model.eval()
+    steps = memory_call_order(model, lambda: model.generate(ids, latent=latent, max_new_tokens=3, do_sample=False))
+    assert steps[: 2 * len(layers)] == interleaved
+    assert [entry for entry in steps[2 * len(layers) :] if entry[0] == "memory"] == []  # later steps: from the cache
+    assert len(steps) == 2 * len(layers) + 2 * len(layers)  # 2 more decoding steps
+
+
+def test_the_decoders_attention_reads_a_plain_config_that_names_the_memory_attention():
+    """No proxy: the decoder's attention modules hold a config of the model's own class naming the registered
+    memory attention, while the model's config keeps "sdpa" / "eager", and switching the implementation switches the
+    attention the memory wraps."""
+    model = make_model(perturb_zero_init=True)
+    attention_config = model.model.layers[0].self_attn.config
+    assert type(attention_config) is type(model.config) and attention_config is not model.config
+    assert attention_config._attn_implementation == LATENT_MEMORY_ATTENTION
+    assert model.config._attn_implementation == "sdpa" and model.model.config is model.config
+    ids, latent = random_ids(2, 5), latents(2)
+    sdpa = model(ids, latent=latent).logits
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+    eager = model(ids, latent=latent, output_attentions=True)  # eager alone returns the attention maps
+    assert eager.attentions[0].shape[-1] == ids.shape[1] + model.config.num_memory_slots
+    torch.testing.assert_close(eager.logits, sdpa, rtol=1e-5, atol=1e-5)
+
+
+def test_the_decoder_run_on_its_own_is_the_llm():
+    """`model.model` run by a tool outside the CVAE's forward (in evaluation) attends as the LLM does, without the
+    memory: the same hidden states as the architecture's own model with the same weights."""
+    model = make_model(perturb_zero_init=True)
+    llm = LlamaForCausalLM(tiny_llama_config()).eval()
+    llm.load_state_dict({name: tensor for name, tensor in model.state_dict().items()
+                         if name.startswith(("model.", "lm_head."))})  # fmt: skip
+    ids = random_ids(2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(model.model(ids).last_hidden_state, llm.model(ids).last_hidden_state)
+
+
+def test_the_base_model_gives_the_hidden_states_the_head_reads():
+    """`CVAELlamaModel` (the decoder run with the latent) returns the hidden states from which the causal LM's head
+    gives its logits, with the same latent and posterior."""
+    causal_lm = make_model(perturb_zero_init=True)
+    base = CVAELlamaModel(causal_lm.config).eval()
+    assert base.lm_head is None and not hasattr(base, "generate")
+    missing, unexpected = base.load_state_dict(causal_lm.state_dict(), strict=False)
+    assert not missing and unexpected == ["lm_head.weight"]
+    ids = random_ids(2, 5)
+    with torch.no_grad():
+        full = causal_lm(ids, labels=ids)
+        hidden = base(ids, encode_input_ids=True)
+    torch.testing.assert_close(causal_lm.lm_head(hidden.last_hidden_state), full.logits)
+    torch.testing.assert_close(hidden.latent_mean, full.latent_mean)
+
+
+def test_precomputed_memory_states_of_the_wrong_shape_are_refused():
+    model = make_model()
+    ids, latent = random_ids(2, 5), latents(2)
+    states = model.latent_memory(latent)
+    torch.testing.assert_close(model(ids, latent=latent, latent_memory=states).logits, model(ids, latent=latent).logits)
+    for bad in (states[:1], states[:, :1], tuple(states.unbind(1))):
+        with pytest.raises(ValueError, match=r"latent_memory is .* \(batch, num_hidden_layers, num_memory_slots"):
+            model(ids, latent=latent, latent_memory=bad)
+
+
+@pytest.mark.parametrize("decoder_mode", ["frozen", "full", "lora"])
+def test_decoder_mode_freezes_after_every_way_parameters_are_put_in_place(tmp_path, decoder_mode):
+    """One home for the freezing (`tie_weights`, which transformers calls whenever it places parameters): a built
+    model, one loaded from a folder (loading makes new, trainable parameters), one built around an LLM and one whose
+    vocabulary was resized all train exactly the parameters `decoder_mode` says."""
+    model = make_model(decoder_mode=decoder_mode)
+    model.save_pretrained(tmp_path)
+    llm = LlamaForCausalLM(tiny_llama_config())
+    resized = make_model(decoder_mode=decoder_mode)
+    resized.resize_token_embeddings(120, mean_resizing=False)
+    for built in (model, CVAELlamaForCausalLM.from_pretrained(tmp_path),
+                  CVAELlamaForCausalLM.from_llm(llm, latent_size=8, decoder_mode=decoder_mode), resized):  # fmt: skip
+        frozen = built.frozen_parameter_names()
+        assert {name for name, p in built.named_parameters() if not p.requires_grad} == frozen
+        assert any(name.startswith("encoder.") for name in frozen)  # the embedding copy, in every mode
+        assert any(name.startswith("model.") for name in frozen) == (decoder_mode != "full")

@@ -7,6 +7,7 @@ import pytest
 from conftest import load_experiment
 
 
+@pytest.mark.slow
 def test_quick_mode_runs_every_step_and_writes_the_tables(tiny_lm, shared_data, tmp_path):
     replicate = load_experiment("replicate")
     output = tmp_path / "replicate"
@@ -49,6 +50,7 @@ def test_bad_arguments_are_refused(capsys):
     assert "--jobs and --threads must be >= 1, got 0 and 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quick_dailydialog_scores_against_the_human_responses(tiny_lm, shared_data, tmp_path):
     replicate = load_experiment("replicate")
     output = tmp_path / "replicate"

@@ -88,6 +88,7 @@ def folder_hash(folder: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- killed mid-way
+@pytest.mark.slow
 def test_a_run_killed_mid_way_resumes_to_bitwise_the_weights_of_an_uninterrupted_run(tmp_path, runs):
     uninterrupted = runs(tmp_path / "uninterrupted")
     killed_dir = tmp_path / "killed"

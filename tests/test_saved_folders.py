@@ -26,5 +26,6 @@ def test_a_folder_saved_before_issue_36_gives_the_same_outputs_bitwise(variant):
     found = outputs(model)
     assert set(found) == set(expected)
     different = [key for key in expected if not torch.equal(found[key], expected[key])]
-    assert not different, {key: (found[key] - expected[key]).abs().max().item() for key in different
-                           if found[key].is_floating_point()} or different
+    assert not different, {
+        key: (found[key] - expected[key]).abs().max().item() for key in different if found[key].is_floating_point()
+    } or different

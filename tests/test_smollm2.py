@@ -364,7 +364,7 @@ def test_fresh_cvae_memory_depends_on_the_latent_in_every_layer(cvae_from_object
     model = cvae_from_object.model
     latents = model.sample_prior(2, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        memory = model.latent_memory(latents, model.model.rotary_emb)
+        memory = model.latent_memory.keys_and_values(latents, model.model.rotary_emb)
     for layer_idx, (key, value) in enumerate(memory):
         for name, tensor in (("key", key), ("value", value)):
             relative = ((tensor[0] - tensor[1]).norm() / tensor[0].norm()).item()

@@ -47,6 +47,8 @@ from transformers.testing_utils import torch_device
 from cvae_llama import CVAELlamaConfig, CVAELlamaForCausalLM
 
 
+pytestmark = pytest.mark.slow  # hundreds of tests: minutes in all, though each is quick
+
 common = transformers_suite.load("test_modeling_common")
 ConfigTester = transformers_suite.load("test_configuration_common").ConfigTester
 TrainingTesterMixin = transformers_suite.load("test_training_mixin").TrainingTesterMixin

@@ -8,6 +8,7 @@ import pytest
 from conftest import load_experiment
 
 
+@pytest.mark.slow
 def test_trains_evaluates_and_adds_a_rerun_to_the_results(tiny_lm, shared_data, tmp_path):
     script = load_experiment("unconditional_control")
     output = tmp_path / "control"

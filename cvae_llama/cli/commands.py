@@ -227,8 +227,9 @@ def _check_generate_flags(args: GenerateArguments) -> list[str]:
 def run_generate(model_args: ModelArguments, args: GenerateArguments) -> dict:
     """`cvae-llama generate`: decode `--prompt` from prior samples, a given latent, the posterior mean of a reference,
     an interpolation, each optionally shifted toward a label; prints and returns the texts and latents."""
-    from ..evaluation.generation import posterior_of_texts
-    from ..evaluation.utils import generate_texts
+    from ..evaluation.generation import interpolation_latents, posterior_of_texts
+    from ..evaluation.utils import generate_texts, prior_latents
+    from ..latent_space import label_index
 
     modes = _check_generate_flags(args)
     model, tokenizer = load_cvae(model_args.model_name_or_path, "--model_name_or_path", **model_args.load_kwargs())
@@ -242,22 +243,15 @@ def run_generate(model_args: ModelArguments, args: GenerateArguments) -> dict:
         captions = ["posterior mean of the reference"]
     elif mode == "interpolate":
         means, _ = posterior_of_texts(model, tokenizer, [args.prompt] * 2, list(args.interpolate))
-        t = torch.linspace(0, 1, args.interpolation_steps)
-        latents = (1 - t)[:, None] * means[0] + t[:, None] * means[1]  # z = (1 - t) z_A + t z_B
+        t, latents = interpolation_latents(means[0], means[1], args.interpolation_steps)  # z = (1 - t) z_A + t z_B
         captions = [f"t = {value:.2f}" for value in t.tolist()]
     else:
         generator = torch.Generator().manual_seed(args.seed)
-        latents = args.latent_temperature * torch.randn(args.num_samples, size, generator=generator)
+        latents = prior_latents(model, args.num_samples, args.latent_temperature, generator)
         captions = [f"z ~ N(0, {args.latent_temperature:g}^2 I) #{i + 1}" for i in range(args.num_samples)]
     if args.control_label is not None:
         directions, names = read_directions(args.directions, size, "--directions")
-        label = args.control_label
-        if label in names:
-            index = names.index(label)
-        elif label.isdigit() and int(label) < len(names):
-            index = int(label)
-        else:
-            raise CommandLineError(f"--control_label {label!r} is not one of the labels {names} of --directions")
+        index = label_index(names, args.control_label, "--control_label", "--directions")
         # latent-guided control, z + k * direction (Zhang et al., IEEE TAI 2026, latent-guided generation)
         latents = latents + args.control_strength * directions[index]
         captions = [

@@ -106,30 +106,50 @@ def make_one_to_many(
     generation_kwargs = dict(generation_kwargs or {})
 
     output_dir = Path(output_dir)
-    settings = {  # a run resumes only the shards of a run with the same settings
+    settings = _run_settings(
+        model, prompts, labels, num_responses=num_responses, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, batch_size=batch_size, seed=seed, max_prompt_tokens=max_prompt_tokens,
+        generation_kwargs=generation_kwargs,
+    )  # fmt: skip
+    batches = [range(start, min(start + batch_size, len(prompts))) for start in range(0, len(prompts), batch_size)]
+    done = _start_or_resume(output_dir, settings, resume=resume, overwrite=overwrite, num_batches=len(batches))
+    generation_kwargs = _sampling_kwargs(tokenizer, generation_kwargs, settings)
+    _sample_batches(
+        model, tokenizer, prompts, labels, output_dir, batches, done, seed=seed, max_prompt_tokens=max_prompt_tokens,
+        generation_kwargs=generation_kwargs, progress=progress,
+    )  # fmt: skip
+    return _save_shards(output_dir, len(batches), has_labels=labels is not None, progress=progress)
+
+
+def _run_settings(model, prompts: list[str], labels: list[int | None] | None, *, generation_kwargs: dict, **arguments):
+    """What a run resumes on: the model, a hash of the prompts and labels, the arguments, the `generate` extras."""
+    return {
         "model": getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__),
         "num_prompts": len(prompts),
         "prompts_sha256": hashlib.sha256(json.dumps([prompts, labels]).encode("utf-8")).hexdigest(),
-        "num_responses": num_responses,
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "batch_size": batch_size,
-        "seed": seed,
-        "max_prompt_tokens": max_prompt_tokens,
+        **arguments,
         "generation_kwargs": {key: repr(value) for key, value in sorted(generation_kwargs.items())},
     }
-    batches = [range(start, min(start + batch_size, len(prompts))) for start in range(0, len(prompts), batch_size)]
-    done = _start_or_resume(output_dir, settings, resume=resume, overwrite=overwrite, num_batches=len(batches))
-    generation_kwargs = {
+
+
+def _sampling_kwargs(tokenizer: PreTrainedTokenizerBase, generation_kwargs: dict, settings: dict) -> dict:
+    """The `generate` arguments of every batch: the caller's extras, then the run's sampling settings."""
+    return {
         "pad_token_id": tokenizer.pad_token_id,
         **generation_kwargs,
         "do_sample": True,
-        "temperature": temperature,
-        "top_p": top_p,
-        "max_new_tokens": max_new_tokens,
-        "num_return_sequences": num_responses,
+        "temperature": settings["temperature"],
+        "top_p": settings["top_p"],
+        "max_new_tokens": settings["max_new_tokens"],
+        "num_return_sequences": settings["num_responses"],
     }
+
+
+def _sample_batches(
+    model, tokenizer, prompts, labels, output_dir: Path, batches: list[range], done: set, *, seed: int,
+    max_prompt_tokens: int | None, generation_kwargs: dict, progress: bool,
+) -> None:  # fmt: skip
+    """Sample every batch not in `done` and write it as a shard, the model in eval mode meanwhile."""
     eos_ids = _eos_token_ids(model, tokenizer)
     was_training = model.training
     model.eval()
@@ -147,18 +167,22 @@ def make_one_to_many(
             inputs = prompt_inputs(tokenizer, [prompts[i] for i in ids], max_prompt_tokens)
             new_tokens = _generate_new_tokens(model, inputs, _batch_seed(seed, k), generation_kwargs)
             responses = [_response_text(tokenizer, tokens, eos_ids) for tokens in new_tokens]
-            prompt_ids = [prompt_id for prompt_id in ids for _ in range(num_responses)]  # generate's order
-            rows = [
-                {"prompt": prompts[i], "response": response, "prompt_id": i}
-                | ({"label": labels[i]} if labels is not None else {})
-                for i, response in zip(prompt_ids, responses, strict=True)
-            ]
+            rows = _batch_rows(prompts, labels, ids, responses, generation_kwargs["num_return_sequences"])
             _write_shard(output_dir / "shards" / f"batch-{k:06d}.jsonl", rows)
             bar.update(len(ids))
     finally:
         bar.close()
         model.train(was_training)
-    return _save_shards(output_dir, len(batches), has_labels=labels is not None, progress=progress)
+
+
+def _batch_rows(prompts, labels, ids: range, responses: list[str], num_responses: int) -> list[dict[str, Any]]:
+    """The rows of one batch, `num_responses` per prompt in `generate`'s order."""
+    prompt_ids = [prompt_id for prompt_id in ids for _ in range(num_responses)]
+    return [
+        {"prompt": prompts[i], "response": response, "prompt_id": i}
+        | ({"label": labels[i]} if labels is not None else {})
+        for i, response in zip(prompt_ids, responses, strict=True)
+    ]
 
 
 def _check_prompts_and_labels(prompts, labels) -> tuple[list[str], list[int | None] | None]:

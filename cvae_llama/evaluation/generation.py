@@ -28,8 +28,10 @@ def posterior_of_texts(
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
     max_response_tokens: int = DEFAULT_MAX_RESPONSE_TOKENS,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    desc: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q(z | x, y) of each (prompt, response) pair, tokenised by `OneToManyCollator` as in training.
+    """q(z | x, y) of each (prompt, response) pair, tokenised by `OneToManyCollator` as in training, `batch_size`
+    pairs at a time (with a progress bar named `desc` over two batches or more, as `generate_texts` shows one).
 
     Returns:
         `(latent_mean, latent_logvar)`, each `(num_pairs, latent_size)` float32 on the CPU.
@@ -40,7 +42,8 @@ def posterior_of_texts(
         raise ValueError(f"prompts has {len(prompts)} texts but responses has {len(responses)}; expected pairs")
     collator = OneToManyCollator(tokenizer, max_prompt_tokens, max_response_tokens)
     means, logvars = [], []
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=desc, disable=desc is None or len(starts) < 2, leave=False):
         rows = [
             {"prompt": p, "response": r}
             for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size], strict=True)
@@ -249,6 +252,18 @@ def reconstruction(
     }
 
 
+def interpolation_latents(
+    latent_a: torch.Tensor, latent_b: torch.Tensor, steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The path z = (1 - t) z_a + t z_b at `steps` evenly spaced values of t from 0 to 1.
+
+    Returns:
+        `(t, latents)`: `t` of shape `(steps,)` and `latents` of shape `(steps, latent_size)`.
+    """
+    t = torch.linspace(0, 1, steps)
+    return t, (1 - t)[:, None] * latent_a + t[:, None] * latent_b
+
+
 @torch.no_grad()
 def interpolate(
     model,
@@ -275,8 +290,7 @@ def interpolate(
     latent_mean, _ = posterior_of_texts(
         model, tokenizer, [prompt, prompt], [text_a, text_b], max_prompt_tokens, max_response_tokens
     )
-    t = torch.linspace(0, 1, steps)
-    latents = (1 - t)[:, None] * latent_mean[0] + t[:, None] * latent_mean[1]
+    t, latents = interpolation_latents(latent_mean[0], latent_mean[1], steps)
     texts = generate_texts(
         model,
         tokenizer,
@@ -300,6 +314,7 @@ __all__ = [
     "diverse_generation",
     "diversity_metrics",
     "interpolate",
+    "interpolation_latents",
     "posterior_of_texts",
     "reconstruction",
     "temperature_sweep",

@@ -55,15 +55,11 @@ def mutual_information(
     generator: torch.Generator | None = None,
     latent_samples: torch.Tensor | None = None,
 ) -> float:
-    r"""I(y; z | x) in nats: the in-group Monte-Carlo estimate of the paper, averaged over groups
-    ([`cvae_llama.latent_statistics.mutual_information`]).
+    """I(y; z | x) in nats, averaged over groups: [`cvae_llama.latent_statistics.mutual_information`] (its estimator,
+    formula and bounds are documented there, once), as the evaluation reports it.
 
-    For a group (prompt x) with posteriors q_i = q(z | x, y_i), i = 1..M, and S samples z_{i,s} ~ q_i:
-
-        I_x = mean_{i, s} [ log q_i(z_{i,s}) - log( (1/M) sum_j q_j(z_{i,s}) ) ]
-
-    I_x lies in [0, log M] up to sampling noise: 0 when all responses share one posterior, log M when the posteriors
-    do not overlap.
+    What this view adds: float64 arithmetic, a Python `float`, at least 2 posteriors per group (`ValueError`
+    otherwise), and `generator` before `latent_samples` among the positional arguments.
 
     Args:
         latent_mean, latent_logvar (`torch.Tensor` of shape `(batch, latent_size)`): the posteriors.
@@ -94,13 +90,10 @@ def aggregate_posterior_kl(
     generator: torch.Generator | None = None,
     latent_samples: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    r"""KL of each group's aggregated posterior to N(0, 1), per dimension
-    ([`cvae_llama.latent_statistics.aggregate_posterior_kl`]):
-
-        KL_{x,d} = mean_{i, s} [ log( (1/M) sum_j N(z_{i,s,d}; mu_{j,d}, sigma^2_{j,d}) ) - log N(z_{i,s,d}; 0, 1) ]
-
-    with z_{i,s} ~ q(z | x, y_i). Summed over d this is the density gap R_DG of the group (the trainer's
-    `density_gap` averages that sum over groups). Arguments as in [`mutual_information`].
+    """KL of each group's aggregated posterior to N(0, 1), per dimension: the float64 view of
+    [`cvae_llama.latent_statistics.aggregate_posterior_kl`] (its estimator is documented there). Summed over
+    dimensions this is the density gap R_DG of the group (the trainer's `density_gap` averages that sum over groups).
+    Arguments as in [`mutual_information`].
 
     Returns:
         `torch.Tensor` of shape `(num_groups, latent_size)` (float64), groups in the order of the sorted ids.
@@ -143,14 +136,15 @@ def consistent_units(
 
 
 def active_units(latent_means: torch.Tensor, delta: float = 0.01) -> int:
-    """Active units over a whole set (Burda et al., 2016): dimensions d with Var_set(E_q[z_d]) > `delta`
-    ([`cvae_llama.latent_statistics.active_units`] with all rows one group).
+    """Active units over a whole set: [`cvae_llama.latent_statistics.active_units`] (its definition and variance
+    convention are documented there, once) with all rows one group, as the evaluation reports it.
+
+    What this view adds: float64 arithmetic, a Python `int`, at least 2 posteriors (`ValueError` otherwise), and the
+    threshold as the second positional argument `delta`.
 
     Args:
         latent_means (`torch.Tensor` of shape `(num_posteriors, latent_size)`): posterior means over a test set.
         delta (`float`, defaults to 0.01): the variance threshold.
-
-    The variance is the unbiased sample variance (divisor `num_posteriors - 1`), as in Optimus' code.
     """
     check_posterior(latent_means)
     if latent_means.shape[0] < 2:

@@ -4,6 +4,21 @@ Every metric of the report is one function of an [`EvaluationRun`] (the model, t
 metrics share, computed once) in the registry [`METRIC_FUNCTIONS`] (name -> function, run in that order, which returns
 the metric's entry of `results.json`), and its section of `results.md` is one function of the results in
 [`MARKDOWN_SECTIONS`].
+
+The metrics, in the report's order ([`METRICS`]; the names in backquotes are [`evaluation_report`]'s arguments):
+- `latent`: KL to the prior, MI I(y; z | x), AU (whole set, delta 0.01; in group at 0.03 / 0.1 / 0.3), CU
+  (0.03 / 0.1 / 0.3); plots `latent_space.png` (PCA of the posterior means by label) and
+  `kl_per_dimension.png`;
+- `language_modeling`: importance-weighted NLL (k = `iw_samples`) and perplexity, -ELBO;
+- `diversity`: `num_latents` prior latents per prompt, greedy, against the base LM's samples; the base LM's own
+  diversity alongside;
+- `temperature_sweep`: the same at each of `temperatures`; plot `temperature_sweep.png`;
+- `reconstruction`: the posterior mean of each prompt's first response, decoded;
+- `interpolation`: between two responses of the first prompt; plot `interpolation.png`;
+- `control`: a label probe on the base LM (trained on `probe_dataset`, else on the responses and their prompt's
+  label), directions from the first half of the prompts, control on the second half;
+- `dialogue`: one prior-latent response per context against the first reference: BLEU-1/2, Distinct-1/2,
+  BERTScore (MiniLM-L6) and the FED-style substitute.
 """
 
 import json
@@ -21,6 +36,7 @@ from ..data.budgets import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_RESPONSE_TOKEN
 from ..data.collator import OneToManyCollator
 from ..data.grouping import group_responses
 from ..data.one_to_many import SAMPLING_TEMPERATURE, SAMPLING_TOP_P
+from ..loading import load_tokenizer, saved_cvae
 from ..validation import check_positive_int, pad_token_id
 from .control import CONTROL_STRENGTH, label_directions, latent_guided_control, train_label_probe
 from .dialogue import FED_STYLE_LABEL, dialogue_metrics
@@ -386,21 +402,8 @@ def evaluation_report(
 ) -> dict:
     """Evaluate a CVAE on a dataset and write `results.json`, `results.md` and PNG plots into `output_dir`.
 
-    Metrics (any subset, in this order; `None` runs all that the data allow: `dialogue` only when asked, `control`
-    only when the dataset has labels):
-    - `latent`: KL to the prior, MI I(y; z | x), AU (whole set, delta 0.01; in group at 0.03 / 0.1 / 0.3), CU
-      (0.03 / 0.1 / 0.3); plots `latent_space.png` (PCA of the posterior means by label) and
-      `kl_per_dimension.png`;
-    - `language_modeling`: importance-weighted NLL (k = `iw_samples`) and perplexity, -ELBO;
-    - `diversity`: `num_latents` prior latents per prompt, greedy, against the base LM's samples; the base LM's own
-      diversity alongside;
-    - `temperature_sweep`: the same at each of `temperatures`; plot `temperature_sweep.png`;
-    - `reconstruction`: the posterior mean of each prompt's first response, decoded;
-    - `interpolation`: between two responses of the first prompt; plot `interpolation.png`;
-    - `control`: a label probe on the base LM (trained on `probe_dataset`, else on the responses and their prompt's
-      label), directions from the first half of the prompts, control on the second half;
-    - `dialogue`: one prior-latent response per context against the first reference: BLEU-1/2, Distinct-1/2,
-      BERTScore (MiniLM-L6) and the FED-style substitute.
+    Metrics: any subset of [`METRICS`], run in that order (the module docstring says what each computes); `None` runs
+    all that the data allow: `dialogue` only when asked, `control` only when the dataset has labels.
 
     Args:
         model_path_or_model: a saved CVAE folder, or a [`CVAELlamaForCausalLM`] (then pass `tokenizer`).
@@ -435,53 +438,60 @@ def evaluation_report(
     Returns:
         `dict`: what `results.json` holds.
     """
+    chosen, groups = _metrics_and_groups(
+        dataset, metrics, group_size, num_prompts, num_latents, iw_samples, iw_prior_samples
+    )
+    model, tokenizer = _load_model(model_path_or_model, tokenizer)
+    with _eval_mode(model):
+        run = EvaluationRun(
+            model=model, tokenizer=tokenizer, groups=groups, output_dir=Path(output_dir),
+            llm=base_model if base_model is not None else decoder_as_causal_lm(model),
+            label_names=_label_names(dataset, label_names),
+            num_latents=num_latents, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens,
+            max_new_tokens=max_new_tokens or max_response_tokens, temperatures=temperatures, iw_samples=iw_samples,
+            iw_prior_samples=iw_prior_samples, mc_samples=mc_samples, control_strength=control_strength,
+            control_temperature=control_temperature, batch_size=batch_size, seed=seed, probe_dataset=probe_dataset,
+        )  # fmt: skip
+        results = _run_metrics(run, model_path_or_model, chosen, base_model_given=base_model is not None)
+    _write_report(run, results)
+    return results
+
+
+def _metrics_and_groups(
+    dataset, metrics, group_size: int | None, num_prompts: int | None, num_latents: int, iw_samples: int,
+    iw_prior_samples: int,
+) -> tuple[list[str], list[dict]]:  # fmt: skip
+    """Check the report's arguments against each other and the data; return the metrics to run and the groups."""
     chosen = _known_metrics(metrics)
     check_positive_int(num_latents, "num_latents", minimum=2)  # diversity compares K >= 2 texts per prompt
     check_positive_int(iw_samples, "iw_samples")
     check_prior_samples(iw_prior_samples, iw_samples, "iw_prior_samples", "iw_samples")
     groups = _groups_of(dataset, group_size, num_prompts)
-    chosen = _runnable_metrics(chosen, groups, dataset.column_names)
+    return _runnable_metrics(chosen, groups, dataset.column_names), groups
 
-    model, tokenizer = _load_model(model_path_or_model, tokenizer)
-    with _eval_mode(model):
-        run = EvaluationRun(
-            model=model,
-            tokenizer=tokenizer,
-            llm=base_model if base_model is not None else decoder_as_causal_lm(model),
-            groups=groups,
-            output_dir=Path(output_dir),
-            label_names=dict(enumerate(label_names)) if label_names is not None else _label_names(dataset),
-            num_latents=num_latents,
-            max_prompt_tokens=max_prompt_tokens,
-            max_response_tokens=max_response_tokens,
-            max_new_tokens=max_new_tokens or max_response_tokens,
-            temperatures=temperatures,
-            iw_samples=iw_samples,
-            iw_prior_samples=iw_prior_samples,
-            mc_samples=mc_samples,
-            control_strength=control_strength,
-            control_temperature=control_temperature,
-            batch_size=batch_size,
-            seed=seed,
-            probe_dataset=probe_dataset,
-        )
-        run.output_dir.mkdir(parents=True, exist_ok=True)
-        results = _results_header(run, model_path_or_model, chosen, base_model_given=base_model is not None)
-        steps = tqdm(chosen, desc="Evaluation", unit="metric")
-        if any(name in chosen for name in POSTERIOR_METRICS):
-            collator = OneToManyCollator(tokenizer, max_prompt_tokens, max_response_tokens)
-            run.posteriors = _posteriors(run, collator, language_modeling="language_modeling" in chosen)
-        if any(name in chosen for name in REFERENCE_METRICS):
-            run.references, run.reference_source = _references(run, base_model_given=base_model is not None)
-        for name in steps:
-            steps.set_postfix_str(name)
-            results[name] = METRIC_FUNCTIONS[name](run)
-        steps.close()
 
+def _run_metrics(run: EvaluationRun, model_path_or_model, chosen: list[str], base_model_given: bool) -> dict:
+    """Compute what the chosen metrics share (posteriors, references), then each metric: what `results.json` holds."""
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    results = _results_header(run, model_path_or_model, chosen, base_model_given=base_model_given)
+    steps = tqdm(chosen, desc="Evaluation", unit="metric")
+    if any(name in chosen for name in POSTERIOR_METRICS):
+        collator = OneToManyCollator(run.tokenizer, run.max_prompt_tokens, run.max_response_tokens)
+        run.posteriors = _posteriors(run, collator, language_modeling="language_modeling" in chosen)
+    if any(name in chosen for name in REFERENCE_METRICS):
+        run.references, run.reference_source = _references(run, base_model_given=base_model_given)
+    for name in steps:
+        steps.set_postfix_str(name)
+        results[name] = METRIC_FUNCTIONS[name](run)
+    steps.close()
+    return results
+
+
+def _write_report(run: EvaluationRun, results: dict) -> None:
+    """Write `results.json`, `samples.json` and `results.md` into the run's output folder."""
     (run.output_dir / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
     (run.output_dir / "samples.json").write_text(json.dumps(run.samples, indent=2, ensure_ascii=False))
     (run.output_dir / "results.md").write_text(results_markdown(results))
-    return results
 
 
 def _results_header(run: EvaluationRun, model_path_or_model, chosen: list[str], base_model_given: bool) -> dict:
@@ -550,26 +560,17 @@ def _runnable_metrics(chosen: list[str] | None, groups: list[dict], columns: lis
 
 
 def _load_model(model_path_or_model, tokenizer):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+    """The model and tokenizer to evaluate: a saved CVAE folder loaded by the library's loader, or the model given."""
     if isinstance(model_path_or_model, (str, os.PathLike)):
-        path = Path(model_path_or_model)
-        config = AutoConfig.from_pretrained(path)
-        if config.model_type != "cvae_llama":
-            raise ValueError(
-                f"model_path_or_model={str(path)!r} holds a {config.model_type!r} model; expected a CVAE-Llama "
-                "folder (model_type 'cvae_llama', e.g. written by CVAELlamaForCausalLM.save_pretrained)"
-            )
-        model = AutoModelForCausalLM.from_pretrained(path)
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+        model = saved_cvae(model_path_or_model, "model_path_or_model")
+        tokenizer = load_tokenizer(model_path_or_model) if tokenizer is None else tokenizer
     else:
         model = model_path_or_model
         if tokenizer is None:
             name = getattr(model, "name_or_path", "")
             if not name or not Path(name).is_dir():
                 raise ValueError("tokenizer is required when a model object is given (it has no local folder)")
-            tokenizer = AutoTokenizer.from_pretrained(name)
+            tokenizer = load_tokenizer(name)
     check_cvae(model)
     pad_token_id(tokenizer)
     return model, tokenizer
@@ -620,7 +621,10 @@ def _groups_of(dataset, group_size: int | None, num_prompts: int | None) -> list
     return groups
 
 
-def _label_names(dataset) -> dict:
+def _label_names(dataset, given: Sequence[str] | None = None) -> dict:
+    """`{label value: name}`: the names given, else those of the dataset's `ClassLabel` (none: `{}`)."""
+    if given is not None:
+        return dict(enumerate(given))
     feature = dataset.features.get("label")
     names = getattr(feature, "names", None)
     return dict(enumerate(names)) if names else {}

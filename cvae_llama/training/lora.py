@@ -98,6 +98,21 @@ def apply_lora(
     >>> merged = apply_lora(model).merge_and_unload()   # after training: a plain CVAELlamaForCausalLM
     ```
     """
+    _check_lora_arguments(model, r, alpha, target_modules, dropout)
+    model.config.decoder_mode = "lora"
+    model.apply_decoder_mode()
+    frozen = model.frozen_parameter_names()
+    peft_model = get_peft_model(model, _lora_config(model, r, alpha, target_modules, dropout))
+    parameters = dict(peft_model.named_parameters())
+    for name, own_name in cvae_parameter_names(peft_model).items():
+        # peft trains the copies of the modules to save in full: freeze again what decoder_mode freezes in them
+        if own_name in frozen:
+            parameters[name].requires_grad_(False)
+    return peft_model
+
+
+def _check_lora_arguments(model, r, alpha, target_modules, dropout) -> None:
+    """`ValueError` unless `model` is a plain CVAE and the LoRA settings name linear layers of its decoder."""
     if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel; apply_lora expects a plain CVAELlamaForCausalLM")
     unwrap_cvae(model)
@@ -120,16 +135,16 @@ def apply_lora(
             f"{sorted(decoder_linear_names)}"
         )
 
-    model.config.decoder_mode = "lora"
-    model.apply_decoder_mode()
-    frozen = model.frozen_parameter_names()
+
+def _lora_config(model: CVAELlamaForCausalLM, r: int, alpha: float, target_modules, dropout: float) -> LoraConfig:
+    """LoRA on the decoder's `target_modules` only, the CVAE's own modules saved (and trained) in full."""
     # peft matches a name of target_modules as a suffix of any module's name: exclude those outside the decoder
     elsewhere = [
         name
         for name, _ in model.named_modules()
         if name.rsplit(".", 1)[-1] in target_modules and not name.startswith("model.layers.")
     ]
-    lora_config = LoraConfig(
+    return LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
@@ -138,13 +153,6 @@ def apply_lora(
         modules_to_save=cvae_modules_to_save(model),
         bias="none",
     )
-    peft_model = get_peft_model(model, lora_config)
-    parameters = dict(peft_model.named_parameters())
-    for name, own_name in cvae_parameter_names(peft_model).items():
-        # peft trains the copies of the modules to save in full: freeze again what decoder_mode freezes in them
-        if own_name in frozen:
-            parameters[name].requires_grad_(False)
-    return peft_model
 
 
 def pretrained_parameter_names(model) -> set[str]:

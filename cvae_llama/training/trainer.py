@@ -336,7 +336,7 @@ class CVAETrainer(Trainer):
         no dimension's means vary by more than `active_units_threshold`: the latent says the same about every text."""
         variance = self._recent_means.var(0)
         logs["posterior_mean_spread"] = variance.sqrt().mean().item()
-        active = int((variance > self.args.active_units_threshold).sum())
+        active = int(active_units(self._recent_means, threshold=self.args.active_units_threshold))  # over one group
         if not self._warned_collapse and active == 0 and self.state.global_step > self.args.get_warmup_steps(
             self.state.max_steps
         ):

@@ -1,19 +1,20 @@
-"""The operations of the latent explorer (`cvae-llama explore`), as library calls a Python user makes too: encode a
-text (its posterior and its reconstruction), decode prior samples, interpolate between two texts, build a direction
-from two sets of example texts and move texts along it (latent arithmetic, e.g. sentiment transfer), and project the
-posterior means of many texts on their first two principal components.
+"""The latent space of a saved CVAE as library calls: encode texts (their posteriors and reconstructions), decode
+prior samples, interpolate between two texts, build a direction from two sets of example texts and move texts along
+it (latent arithmetic, e.g. sentiment transfer), and project the posterior means of many texts on their first two
+principal components. The latent explorer (`cvae-llama explore`, `cvae_llama.app`), the command line and the
+experiments call these.
 
 Each call composes what the package has: `posterior_of_texts` (tokenised as in training), `prior_latents`,
 `generate_texts` (greedy: the latent alone decides the text), `reconstruction` and `interpolate` of
 `cvae_llama.evaluation.generation`, `shift_latents` of `cvae_llama.evaluation.control`, `principal_components` of
-`cvae_llama.evaluation.plots`. What they add is the explorer's checks: a text longer than the model takes is refused
-(never silently truncated), and so is a direction of the wrong size, each with a `ValueError` that names the argument,
-its value and what was expected.
+`cvae_llama.evaluation.plots`. What they add is the checks: a text longer than the model takes is refused (never
+silently truncated), and so is a direction of the wrong size or an unknown label, each with a `ValueError` that names
+the argument, its value and what was expected.
 
 Example:
 
 ```python
->>> from cvae_llama.app import latent_direction, transfer
+>>> from cvae_llama.latent_space import latent_direction, transfer
 >>> from cvae_llama.loading import load_cvae
 >>> model, tokenizer = load_cvae("cvae-yelp")
 >>> direction = latent_direction(model, tokenizer, ["The food was great."], ["The food was awful."])
@@ -26,16 +27,15 @@ import os
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from ..data.budgets import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_RESPONSE_TOKENS
-from ..evaluation.control import shift_latents
-from ..evaluation.generation import interpolate as interpolation_path
-from ..evaluation.generation import posterior_of_texts, reconstruction
-from ..evaluation.plots import principal_components
-from ..evaluation.utils import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, check_cvae, generate_texts, prior_latents
-from ..export import read_training_record
-from ..validation import check_positive_int, check_texts
+from .data.budgets import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_RESPONSE_TOKENS
+from .evaluation.control import shift_latents
+from .evaluation.generation import interpolate as interpolation_path
+from .evaluation.generation import posterior_of_texts, reconstruction
+from .evaluation.plots import principal_components
+from .evaluation.utils import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, check_cvae, generate_texts, prior_latents
+from .export import read_training_record
+from .validation import check_positive_int, check_texts
 
 
 # Prior samples decoded side by side by default, and the steps of an interpolation path.
@@ -104,15 +104,28 @@ def check_direction(direction, latent_size: int, name: str = "direction") -> tor
     return tensor
 
 
+def label_index(
+    names: Sequence[str],
+    label: str | int,
+    name: str = "label",
+    source: str = "the directions",
+    num_rows: int | None = None,
+) -> int:
+    """The row of `label` among label directions named `names` (as `read_directions` gives them): its place in
+    `names`, or a row index below `num_rows` (default: `len(names)`) given as a number; else `ValueError` naming the
+    argument (`name`), the labels and where they come from (`source`)."""
+    label, names = str(label), list(names)
+    if label in names:
+        return names.index(label)
+    if label.isdigit() and int(label) < (len(names) if num_rows is None else num_rows):
+        return int(label)
+    raise ValueError(f"{name} {label!r} is not one of the labels {names} of {source}")
+
+
 def select_direction(directions: torch.Tensor, names: Sequence[str], label: str | int) -> torch.Tensor:
     """The row of `directions` `(num_labels, latent_size)` for `label`: one of `names` (as `read_directions` gives
-    them), or a row index; else `ValueError` listing the labels."""
-    label = str(label)
-    if label in names:
-        return directions[list(names).index(label)]
-    if label.isdigit() and int(label) < len(directions):
-        return directions[int(label)]
-    raise ValueError(f"label {label!r} is not one of the labels {list(names)} of the directions")
+    them), or a row index ([`label_index`]); else `ValueError` listing the labels."""
+    return directions[label_index(names, label, num_rows=len(directions))]
 
 
 # ---------------------------------------------------------------------------------------------------- operations
@@ -139,15 +152,9 @@ def encode_texts(
         prompts = check_texts_fit(tokenizer, prompts, max_prompt_tokens, "prompts", "max_prompt_tokens")
     if len(prompts) != len(texts):
         raise ValueError(f"prompts has {len(prompts)} texts but {name} has {len(texts)}; expected one prompt per text")
-    means, logvars = [], []
-    starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="Encoding", disable=len(starts) < 2, leave=False):  # a progress bar for the app
-        end = start + batch_size
-        mean, logvar = posterior_of_texts(model, tokenizer, prompts[start:end], texts[start:end], max_prompt_tokens,
-                                          max_response_tokens, batch_size)  # fmt: skip
-        means.append(mean)
-        logvars.append(logvar)
-    return torch.cat(means), torch.cat(logvars)
+    # a progress bar (over two batches or more) that the app's page follows
+    return posterior_of_texts(model, tokenizer, prompts, texts, max_prompt_tokens, max_response_tokens, batch_size,
+                              desc="Encoding")  # fmt: skip
 
 
 def posterior(
@@ -342,6 +349,7 @@ __all__ = [
     "check_texts_fit",
     "encode_texts",
     "interpolate",
+    "label_index",
     "latent_direction",
     "posterior",
     "project_2d",
