@@ -937,6 +937,14 @@ class CVAELlamaModel(CVAELlamaPreTrainedModel):
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
 
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        # the encoder's own copy of the embedding follows the decoder's vocabulary (its trainability kept)
+        self.encoder.embed_tokens = self._get_resized_embeddings(
+            self.encoder.embed_tokens, embeddings.num_embeddings, None, mean_resizing
+        )
+        return embeddings
+
     def encode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
         """Posterior q(z | x, y) of the token sequence `x + y`: `(latent_mean, latent_logvar)`, each
         `(batch, latent_size)`."""
@@ -1177,14 +1185,6 @@ class CVAELlamaForCausalLM(CVAELlamaModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
-
-    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
-        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
-        # the encoder's own copy of the embedding follows the decoder's vocabulary (its trainability kept)
-        self.encoder.embed_tokens = self._get_resized_embeddings(
-            self.encoder.embed_tokens, embeddings.num_embeddings, None, mean_resizing
-        )
-        return embeddings
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple

@@ -24,9 +24,10 @@ message; they fall into these groups:
   test's message), sequence-to-sequence heads, sparse experts (MoE, grouped_mm, router logits), sliding windows,
   learned position embeddings, `_keep_in_fp32_modules`, checkpoint conversion mappings (its checkpoints use
   transformers' Llama names as they are);
-- "no `base_model_class`": the RoPE tests run on a model with `last_hidden_state` outputs (`LlamaModel`), which
-  this package does not have (its one class is the causal LM); `test_rope_scaling_from_config` below runs the same
-  check on the CVAE. The frequency and axial tests check transformers' `LlamaRotaryEmbedding` itself.
+- "no `base_model_class`" (for the causal LM's test classes): the RoPE tests run on the base model, and
+  `CVAELlamaBaseModelTest` runs them, with every other common test, on `CVAELlamaModel`;
+  `test_rope_scaling_from_config` below runs the same check on the causal LM. The frequency and axial tests check
+  transformers' `LlamaRotaryEmbedding` itself.
 
 The source distribution has no `tests/generation/` and no `tests/exporters/` (see `transformers_suite.py`): this
 project's own tests cover `generate`, and `test_torch_export` below exports `forward`.
@@ -44,7 +45,7 @@ from conftest import ARCHITECTURE_OVERRIDES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 from transformers.testing_utils import torch_device
 
-from cvae_llama import CVAELlamaConfig, CVAELlamaForCausalLM
+from cvae_llama import CVAELlamaConfig, CVAELlamaForCausalLM, CVAELlamaModel
 
 
 pytestmark = pytest.mark.slow  # hundreds of tests: minutes in all, though each is quick
@@ -341,3 +342,21 @@ class CVAEQwen2ModelTest(CVAELlamaModelTest):
 
 class CVAEQwen3ModelTest(CVAELlamaModelTest):
     base_model_type = "qwen3"
+
+
+class CVAELlamaBaseModelTest(CVAELlamaModelTest):
+    """The common tests on the base model, `CVAELlamaModel` (the decoder run with the latent: hidden states, no head),
+    as transformers runs them on `LlamaModel`, the base-model-only ones (RoPE scaling) included."""
+
+    all_model_classes = (CVAELlamaModel,)
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        patcher = patch.dict(MODEL_MAPPING_NAMES, {"cvae_llama": CVAELlamaModel.__name__})
+        patcher.start()
+        cls.addClassCleanup(patcher.stop)
+
+    def test_generation_tester_mixin_inheritance(self):
+        # the base model has no head, so it does not generate (the causal LM's classes above test `generate`)
+        self.assertFalse(CVAELlamaModel.can_generate())
