@@ -609,12 +609,14 @@ class CVAELlamaLatentMemory(nn.Module):
         slots, head_dim)`: what each layer's attention computes from its own projections, for inspection (a forward
         computes them layer by layer, in each layer's attention call)."""
         states = self(latent)
-        position_embeddings = rotary_emb(
-            states, position_ids=torch.arange(self.num_memory_slots, device=states.device)[None]
-        )
+        position_embeddings = self.slot_position_embeddings(states, rotary_emb)
         return tuple(
             layer.keys_and_values(states[:, index], position_embeddings) for index, layer in enumerate(self.layers)
         )
+
+    def slot_position_embeddings(self, states: torch.Tensor, rotary_emb: nn.Module) -> tuple:
+        """The rotary embedding `(cos, sin)` of the slots' positions 0 .. slots - 1, in the states' dtype."""
+        return rotary_emb(states, position_ids=torch.arange(self.num_memory_slots, device=states.device)[None])
 
     def _stackable(self) -> bool:
         """Whether every layer's MLP and norm are the plain modules, on one device, with no hooks or wrappers
@@ -663,17 +665,16 @@ class CVAELlamaLatentMemory(nn.Module):
             and getattr(cache, "layer_class_to_replicate", None) in (None, DynamicLayer)
         )  # fmt: skip
 
-    def prepare(self, latent, states, inputs_embeds, attention_mask, position_ids, cache, decoder):
+    def prepare(self, latent, states, inputs_embeds, attention_mask, position_ids, cache, decoder, checkpointing):
         """The decoder's inputs for one forward call with the memory: `(inputs_embeds, attention_mask,
         position_ids, call)`, the [`LatentMemoryCall`] its attention receives.
 
         The real tokens take the positions after the slots'. With the slots in the cache, the first call writes
         them there (each layer from its own attention call), and later calls give a 2-D attention mask their
         columns. `states` are precomputed slot states (`generate` computes them once per call), else computed from
-        `latent`.
+        `latent`. `checkpointing`: whether the decoder's layers run under gradient checkpointing in this call.
         """
         num_slots, sequence_length = self.num_memory_slots, inputs_embeds.shape[1]
-        checkpointing = decoder_checkpointing(decoder)
         in_cache = self.slots_in_cache(cache, checkpointing, any(sliding_layers(decoder.config)))
         past_length = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
@@ -683,8 +684,7 @@ class CVAELlamaLatentMemory(nn.Module):
         if not (in_cache and past_length):  # this call computes the slots' keys and values
             states = self(latent) if states is None else self._check_states(states, inputs_embeds.shape[0])
             call.states = states.unbind(1)
-            slot_positions = torch.arange(num_slots, device=states.device)[None]
-            call.position_embeddings = decoder.rotary_emb(states, position_ids=slot_positions)
+            call.position_embeddings = self.slot_position_embeddings(states, decoder.rotary_emb)
             call.fill_cache = in_cache
         elif attention_mask is not None and attention_mask.ndim == 2:  # the cache's slots get their mask columns
             slot_columns = attention_mask.new_ones(attention_mask.shape[0], num_slots)
@@ -1117,12 +1117,13 @@ class CVAELlamaModel(CVAELlamaPreTrainedModel):
             inputs_embeds = inputs_embeds + self.latent_to_embedding(latent)[:, None]
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        if use_cache and cache is None and not decoder_checkpointing(self.model):
+        checkpointing = decoder_checkpointing(self.model)
+        if use_cache and cache is None and not checkpointing:
             cache = DynamicCache(config=self.config)
         memory = None
         if self.latent_memory is not None:
             inputs_embeds, attention_mask, position_ids, memory = self.latent_memory.prepare(
-                latent, latent_memory, inputs_embeds, attention_mask, position_ids, cache, self.model
+                latent, latent_memory, inputs_embeds, attention_mask, position_ids, cache, self.model, checkpointing
             )
         elif position_ids is None:
             past_length = cache.get_seq_length() if cache is not None else 0
