@@ -204,10 +204,14 @@ def _training_data_text(record: dict) -> str | None:
 
 
 def model_card(model, *, record: dict, results: dict | None, base_model: str | None, repo_id: str,
-               model_name: str, license: str, tags, training_data: str | None, template_path=None):  # fmt: skip
-    """The `huggingface_hub.ModelCard` of an exported CVAE, from the template `model_card.md` (or `template_path`)."""
+               model_name: str, license: str, tags, training_data: str | None, template_path=None,
+               adapter: bool = False):  # fmt: skip
+    """The `huggingface_hub.ModelCard` of an exported CVAE, from the template `model_card.md` (or `template_path`).
+    `adapter`: the folder holds only the CVAE's weights on `base_model` (`base_model_relation: adapter`, which links
+    the repo to its base on the Hub)."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    relation = {"base_model_relation": "adapter"} if adapter and base_model else {}
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="text-generation",
@@ -215,6 +219,7 @@ def model_card(model, *, record: dict, results: dict | None, base_model: str | N
         tags=list(dict.fromkeys([*BASE_TAGS, model.config.base_model_type, *tags])),
         base_model=base_model,
         model_name=model_name,
+        **relation,
     )
     config = model.config
     base_class = DECODER_ARCHITECTURES[config.base_model_type].causal_lm.__name__
@@ -265,6 +270,7 @@ def export_hub_folder(
     repo_id: str | None = None,
     training_data: str | None = None,
     overwrite: bool = False,
+    standalone: bool | None = None,
     **model_kwargs,
 ) -> Path:
     """Write `output_dir`, a complete Hub repo of the saved CVAE `model_name_or_path` (see the module docstring).
@@ -278,6 +284,8 @@ def export_hub_folder(
         repo_id: the repo id shown in the card's usage code (default: the folder's name).
         training_data: a description of the training data (default: from the training record).
         overwrite: replace an existing `output_dir` (never done otherwise).
+        standalone: as for `save_pretrained`: by default an adapter on the base LLM where the model is one (its
+            weights only, the card's metadata `base_model_relation: adapter`), else the whole model.
         model_kwargs: for `from_pretrained` (`dtype`, ...).
 
     Returns:
@@ -300,7 +308,9 @@ def export_hub_folder(
     elif output_dir.exists() and overwrite:
         output_dir.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir)  # config (auto_map), the two code files, model.safetensors, generation config
+    # config (auto_map), the two code files, model.safetensors, generation config
+    model.save_pretrained(output_dir, standalone=standalone)
+    adapter = json.loads((output_dir / "config.json").read_text())["saved_as"] == "adapter"
     tokenizer.save_pretrained(output_dir)
     _drop_session_settings(output_dir / "tokenizer_config.json")
     if record:
@@ -321,7 +331,7 @@ def export_hub_folder(
     card = model_card(
         model, record=record, results=results, base_model=base_model, repo_id=repo_id or output_dir.name,
         model_name=model_name or output_dir.name, license=license, tags=tags, training_data=training_data,
-        template_path=template,
+        template_path=template, adapter=adapter,
     )  # fmt: skip
     card.save(output_dir / "README.md")
     return output_dir

@@ -16,6 +16,7 @@ This file travels to a Hub repo as remote code: it imports only torch, transform
 """
 
 import copy
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -26,20 +27,28 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface, load_state_dict, safe_open
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, rotate_half
 from transformers.processing_utils import Unpack
-from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
+from transformers.utils import ModelOutput, TransformersKwargs, cached_file, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.hub import get_checkpoint_shard_files
 
 from .configuration_cvae_llama import BASE_CONFIG_CLASSES, CVAE_FIELDS, CVAELlamaConfig
 
+
+logger = logging.get_logger(__name__)
 
 # Log-variances are soft-bounded to (-LOGVAR_BOUND, LOGVAR_BOUND) so that exp() can neither overflow nor vanish.
 LOGVAR_BOUND = 10.0
 # The attention implementations the latent memory wraps, and the name its attention function is registered under.
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 LATENT_MEMORY_ATTENTION = "cvae_latent_memory"
+# The names of the decoder's parameters (the LLM's, which an adapter folder leaves out).
+DECODER_PREFIXES = ("model.", "lm_head.")
+# `from_pretrained`'s arguments that say where the folder's files are, and those of them that apply to its base LLM.
+ADAPTER_HUB_ARGUMENTS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+BASE_HUB_ARGUMENTS = ("cache_dir", "force_download", "local_files_only", "token", "proxies")
 # In `from_llm`, the latent-dependent part of each memory slot starts at this fraction of the slot's constant part.
 LATENT_SHARE_AT_INIT = 0.1
 
@@ -246,11 +255,12 @@ class CVAELlamaPosteriorNorm(nn.BatchNorm1d):
 
 
 class CVAELlamaPosteriorEncoder(nn.Module):
-    """q(z | x, y): copies of the LLM's embedding and first layers (its architecture's own layer class), then a read-out (`config.posterior_pooling`):
-    the mean of the last layer's token states (`"mean"`), or learned queries appended at the end (`"queries"`, the
-    paper's), RMS-normed, through an MLP to the mean and log-variance.
+    """q(z | x, y): the LLM's token embedding and copies of its first layers (its architecture's own layer class),
+    then a read-out (`config.posterior_pooling`): the mean of the last layer's token states (`"mean"`), or learned
+    queries appended at the end (`"queries"`, the paper's), RMS-normed, through an MLP to the mean and log-variance.
 
-    Input `(batch, seq)` token ids of `x + y` (left-padded); output `latent_mean`, `latent_logvar`, each
+    Input `(batch, seq)` token ids of `x + y` (left-padded) and, with `config.share_llm_weights`, their embeddings by
+    the decoder's own embedding (the encoder then has none); output `latent_mean`, `latent_logvar`, each
     `(batch, latent_size)`. A fresh encoder returns exactly N(0, I) (zero-initialised read-out; the batch norm of
     the means, `config.posterior_batch_norm`, maps equal means to 0).
     """
@@ -258,7 +268,11 @@ class CVAELlamaPosteriorEncoder(nn.Module):
     def __init__(self, config: CVAELlamaConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        # a copy of the LLM's embedding in folders saved before `share_llm_weights`
+        shared = config.share_llm_weights
+        self.embed_tokens = (
+            None if shared else nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        )
         architecture = DECODER_ARCHITECTURES[config.base_model_type]
         self.layers = nn.ModuleList(
             [architecture.decoder_layer(config, layer_idx) for layer_idx in range(config.num_encoder_layers)]
@@ -279,11 +293,19 @@ class CVAELlamaPosteriorEncoder(nn.Module):
             else None
         )
 
-    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                inputs_embeds: torch.FloatTensor | None = None):  # fmt: skip
         batch_size, num_read_outs = input_ids.shape[0], self.num_read_outs
-        hidden_states = self.embed_tokens(input_ids)
+        if inputs_embeds is None:
+            if self.embed_tokens is None:
+                raise ValueError(
+                    "the posterior encoder shares the decoder's token embedding (config.share_llm_weights=True): pass "
+                    "inputs_embeds=model.get_input_embeddings()(input_ids), or call model.encode(input_ids)"
+                )
+            inputs_embeds = self.embed_tokens(input_ids)
+        hidden_states = inputs_embeds
         if torch.is_grad_enabled() and not hidden_states.requires_grad and self.training:
-            # the embedding copy is frozen: a reentrant gradient checkpoint of the first layer would then pass no
+            # the embedding is frozen: a reentrant gradient checkpoint of the first layer would then pass no
             # gradient to the layers (transformers' `enable_input_require_grads` does this for the decoder)
             hidden_states.requires_grad_()
         if attention_mask is None:
@@ -328,11 +350,13 @@ class CVAELlamaPosteriorEncoder(nn.Module):
         return latent_mean, latent_logvar.reshape(batch_size, -1)
 
     def init_from_llm(self, llm: PreTrainedModel) -> None:
-        """Copy the LLM's embedding and first layers; the queries start at the mean token embedding, a neutral input
-        for the copied layers, plus a little noise so that they do not read out the same share of the latent."""
+        """Copy the LLM's first layers (and its embedding, where the encoder keeps a copy); the queries start at the
+        mean token embedding, a neutral input for the copied layers, plus a little noise so that they do not read out
+        the same share of the latent."""
         for index, layer in enumerate(self.layers):
             layer.load_state_dict(llm.model.layers[index].state_dict())
-        self.embed_tokens.weight.copy_(llm.model.embed_tokens.weight)
+        if self.embed_tokens is not None:
+            self.embed_tokens.weight.copy_(llm.model.embed_tokens.weight)
         if self.config.posterior_pooling == "queries":
             queries = self.latent_queries
             queries.copy_(llm.model.embed_tokens.weight.mean(dim=0, keepdim=True).expand_as(queries))
@@ -350,10 +374,11 @@ def rotate_slot_keys(keys: torch.Tensor, position_embeddings: tuple[torch.Tensor
 class CVAELlamaLatentMemoryLayer(nn.Module):
     """z -> `num_memory_slots` pseudo token states -> keys and values for one decoder layer.
 
-    d -> sqrt(hidden) -> GELU -> slots * hidden, RMS-normed, then a copy of the layer's key and value projections
-    (and of its key norm where the architecture has one, Qwen3's): the architecture's own modules, so that the slots'
-    keys are computed as the layer computes its tokens' keys. With `memory_attention="gated"`, a gate per head says
-    how much of the memory's own attention the layer adds (0 at first).
+    d -> sqrt(hidden) -> GELU -> slots * hidden, RMS-normed, then the layer's own key and value projections (and its
+    key norm where the architecture has one, Qwen3's), so that the slots' keys are computed as the layer computes its
+    tokens' keys (folders saved before `config.share_llm_weights` hold copies of them here instead). With
+    `memory_attention="gated"`, a gate per head says how much of the memory's own attention the layer adds (0 at
+    first).
     """
 
     def __init__(self, config: CVAELlamaConfig, layer_idx: int = 0):
@@ -367,11 +392,11 @@ class CVAELlamaLatentMemoryLayer(nn.Module):
             nn.Linear(bottleneck, config.num_memory_slots * config.hidden_size),
         )
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        # the layer's attention built by its architecture, of which the memory keeps the key / value parts
-        attention = DECODER_ARCHITECTURES[config.base_model_type].attention(config, layer_idx)
-        self.head_dim = attention.head_dim
-        self.k_proj, self.v_proj = attention.k_proj, attention.v_proj
-        self.k_norm = getattr(attention, "k_norm", None)
+        self.k_proj = self.v_proj = self.k_norm = None
+        if not config.share_llm_weights:  # copies: the layer's attention built by its architecture, keys and values
+            attention = DECODER_ARCHITECTURES[config.base_model_type].attention(config, layer_idx)
+            self.k_proj, self.v_proj = attention.k_proj, attention.v_proj
+            self.k_norm = getattr(attention, "k_norm", None)
         gated = config.memory_attention == "gated"
         self.gate = nn.Parameter(torch.zeros(config.num_attention_heads)) if gated else None
 
@@ -379,15 +404,17 @@ class CVAELlamaLatentMemoryLayer(nn.Module):
         """`(batch, latent_size)` -> the slots' states `(batch, slots, hidden)`."""
         return self.norm(self.to_states(latent).view(latent.shape[0], self.num_memory_slots, self.hidden_size))
 
-    def keys_and_values(self, states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
+    def keys_and_values(self, states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                        attention: nn.Module):  # fmt: skip
         """`(batch, slots, hidden)` states -> keys (rotated as a prefix) and values `(batch, kv_heads, slots,
-        head_dim)`."""
+        head_dim)`, by the projections of the decoder layer's `attention` (or the copies this layer holds)."""
+        projections = attention if self.k_proj is None else self
         states = states.contiguous()
-        shape = (*states.shape[:2], -1, self.head_dim)
-        key = self.k_proj(states).view(shape)
-        if self.k_norm is not None:  # Qwen3: RMS norm over each head's key, before RoPE
-            key = self.k_norm(key)
-        value = self.v_proj(states).view(shape).transpose(1, 2)
+        shape = (*states.shape[:2], -1, attention.head_dim)
+        key = projections.k_proj(states).view(shape)
+        if getattr(projections, "k_norm", None) is not None:  # Qwen3: RMS norm over each head's key, before RoPE
+            key = projections.k_norm(key)
+        value = projections.v_proj(states).view(shape).transpose(1, 2)
         return rotate_slot_keys(key.transpose(1, 2), position_embeddings), value
 
     @torch.no_grad()
@@ -404,10 +431,11 @@ class CVAELlamaLatentMemoryLayer(nn.Module):
         0.34 nats after 50 steps instead of 3.36).
         """
         attention = llm_layer.self_attn
-        self.k_proj.load_state_dict(attention.k_proj.state_dict())
-        self.v_proj.load_state_dict(attention.v_proj.state_dict())
-        if self.k_norm is not None:
-            self.k_norm.load_state_dict(attention.k_norm.state_dict())
+        if self.k_proj is not None:  # copies (`share_llm_weights=False`)
+            self.k_proj.load_state_dict(attention.k_proj.state_dict())
+            self.v_proj.load_state_dict(attention.v_proj.state_dict())
+            if self.k_norm is not None:
+                self.k_norm.load_state_dict(attention.k_norm.state_dict())
         self.norm.weight.copy_(llm_layer.input_layernorm.weight)
         last = self.to_states[-1]
         bos_state = bos_state / bos_state.pow(2).mean().sqrt().clamp(min=1e-12)  # RMS 1
@@ -435,10 +463,11 @@ class LatentMemoryCall:
     in_cache: bool = False
     fill_cache: bool = False
 
-    def keys_and_values(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer `layer_idx`'s memory keys (rotated) and values, `(batch, kv_heads, slots, head_dim)`."""
-        layer = self.memory.layers[layer_idx]
-        return layer.keys_and_values(self.states[layer_idx], self.position_embeddings)
+    def keys_and_values(self, attention: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The memory keys (rotated) and values of the decoder layer whose attention module is `attention`, `(batch,
+        kv_heads, slots, head_dim)`, by its own projections."""
+        layer = self.memory.layers[attention.layer_idx]
+        return layer.keys_and_values(self.states[attention.layer_idx], self.position_embeddings, attention)
 
 
 def latent_memory_attention(module, query, key, value, attention_mask, latent_memory: LatentMemoryCall, **kwargs):
@@ -465,7 +494,7 @@ def latent_memory_attention(module, query, key, value, attention_mask, latent_me
         memory_value, value = value[:, :, :num_slots], value[:, :, num_slots:]
         attention_mask = None if attention_mask is None else attention_mask[..., num_slots:]
     elif call.states is not None:
-        memory_key, memory_value = call.keys_and_values(layer_idx)
+        memory_key, memory_value = call.keys_and_values(module)
     else:
         return attention(module, query, key, value, attention_mask, **kwargs)
     if memory_layer.gate is None:
@@ -596,7 +625,7 @@ class CVAELlamaLatentMemory(nn.Module):
         call = kwargs.get("latent_memory")
         if call is not None and call.fill_cache:
             cache = kwargs["cache"] if "cache" in kwargs else kwargs["past_key_values"]
-            cache.update(*call.keys_and_values(attention.layer_idx), attention.layer_idx)
+            cache.update(*call.keys_and_values(attention), attention.layer_idx)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         """`(batch, latent_size)` -> every layer's slot states `(batch, layers, slots, hidden)`."""
@@ -604,14 +633,16 @@ class CVAELlamaLatentMemory(nn.Module):
             return torch.stack([layer(latent) for layer in self.layers], dim=1)
         return self._stacked_forward(latent).transpose(0, 1)
 
-    def keys_and_values(self, latent: torch.Tensor, rotary_emb: nn.Module) -> tuple:
+    def keys_and_values(self, latent: torch.Tensor, decoder: nn.Module) -> tuple:
         """Every layer's memory keys and values for `latent`, `(key, value)` per layer, each `(batch, kv_heads,
-        slots, head_dim)`: what each layer's attention computes from its own projections, for inspection (a forward
-        computes them layer by layer, in each layer's attention call)."""
+        slots, head_dim)`: what each layer of `decoder` (the CVAE's `model.model`) computes in its attention call from
+        its own projections, for inspection (a forward computes them layer by layer, in each layer's attention
+        call)."""
         states = self(latent)
-        position_embeddings = self.slot_position_embeddings(states, rotary_emb)
+        position_embeddings = self.slot_position_embeddings(states, decoder.rotary_emb)
         return tuple(
-            layer.keys_and_values(states[:, index], position_embeddings) for index, layer in enumerate(self.layers)
+            layer.keys_and_values(states[:, index], position_embeddings, decoder_layer.self_attn)
+            for index, (layer, decoder_layer) in enumerate(zip(self.layers, decoder.layers, strict=True))
         )
 
     def slot_position_embeddings(self, states: torch.Tensor, rotary_emb: nn.Module) -> tuple:
@@ -845,12 +876,13 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
     def frozen_parameter_names(self) -> set[str]:
         """Names of the parameters that `config.decoder_mode` freezes.
 
-        Every mode freezes the encoder's embedding copy and the memory's key / value projections (and key norms):
-        they are copies of the LLM's embedding and attention projections, as in the authors' stage 2, and training
-        them would cost 16 bytes a parameter with AdamW (at SmolLM2's shape the embedding copy alone is a fifth of
-        the LLM). `"frozen"` and `"lora"` also freeze the LLM (decoder and head); `"full"` trains it.
+        `"frozen"` and `"lora"` freeze the LLM (decoder and head); `"full"` trains it. The encoder's embedding and
+        the memory's key / value projections are the decoder's own (`config.share_llm_weights`) and follow it. In
+        folders saved before that setting they are copies of the LLM's, which every mode freezes, as in the authors'
+        stage 2 (training them would cost 16 bytes a parameter with AdamW).
         """
         frozen = {name for name, _ in self.encoder.named_parameters(prefix="encoder") if ".embed_tokens." in name}
+        # (the copies' names; with shared weights there are none)
         if self.latent_memory is not None:
             frozen |= {
                 name
@@ -889,14 +921,183 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
             print(f"{group:<15}{counts['trainable']:>15,}{counts['frozen']:>15,}")
         return breakdown
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, standalone: bool | None = None, state_dict=None, **kwargs):
+        """[`PreTrainedModel.save_pretrained`], by default as an adapter on the base LLM: only the CVAE's own weights
+        (the encoder, the memory, the skip connection: a few percent of the LLM's), with `config.json` naming the
+        base (`base_model_name_or_path`, `base_model_revision`) and the fingerprint of its stored weights
+        (`base_model_fingerprint`). `from_pretrained` loads the base by that name and attaches them.
+
+        Args:
+            standalone (`bool`, *optional*):
+                `True`: the whole model, the decoder included, as a folder that needs no base. `False`: an adapter,
+                refused (naming the reason) where the decoder is not its named base's: trained (`decoder_mode="full"`,
+                LoRA merged into it), or an LLM without stored safetensors weights. By default an adapter where it
+                can be, else the whole model.
+        """
+        adapter = self._saves_as_adapter(standalone)
+        if adapter:  # the CVAE's own weights: not the decoder's (`model.*`) nor the head's
+            state_dict = self.state_dict() if state_dict is None else state_dict
+            state_dict = {name: tensor for name, tensor in state_dict.items() if not name.startswith(DECODER_PREFIXES)}
         # a saved folder is a complete Hub repo: its auto_map names AutoModel as well as AutoConfig and
         # AutoModelForCausalLM (the latter two are added by transformers for a class registered for auto classes)
         if self._auto_class is not None:
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
             auto_map.setdefault("AutoModel", f"modeling_cvae_llama.{type(self).__name__}")
             self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        self.config.saved_as = "adapter" if adapter else "standalone"  # how the folder is saved, not the model
+        try:
+            return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        finally:
+            del self.config.saved_as
+
+    def _saves_as_adapter(self, standalone: bool | None) -> bool:
+        """Whether `save_pretrained(standalone=standalone)` writes an adapter; `ValueError` for `standalone=False`
+        where the model cannot be one."""
+        if standalone not in (None, True, False):
+            raise ValueError(f"standalone must be True, False or None (an adapter where possible), got {standalone!r}")
+        if standalone:
+            return False
+        reason = self._why_not_an_adapter()
+        if reason is not None and standalone is False:
+            raise ValueError(f"save_pretrained(standalone=False) cannot save an adapter: {reason}")
+        if reason is not None:
+            logger.info(f"saving the whole model (standalone): {reason}")
+        return reason is None
+
+    def _why_not_an_adapter(self) -> str | None:
+        """Why this model cannot be saved as an adapter on its base LLM, or `None` when it can."""
+        if self.config.decoder_mode == "full":
+            return 'decoder_mode="full" trains the decoder, which only a standalone folder keeps'
+        if not getattr(self.config, "base_model_fingerprint", None):
+            return (
+                f"its base LLM ({getattr(self.config, 'base_model_name_or_path', None) or 'an object without a name'}) "
+                "has no stored safetensors weights to name (build the CVAE with from_llm(path or repo id) of an LLM "
+                "saved with save_pretrained)"
+            )
+        if getattr(self, "_base_digest", None) != self._decoder_digest():
+            return (
+                "the decoder is not the base LLM it was built from (LoRA merged into it? trained? loaded from a "
+                "standalone folder?): only a standalone folder keeps it"
+            )
+        return None
+
+    def _decoder_digest(self) -> str:
+        """A digest of the decoder's parameters as they are in memory (64 values of each, in its own dtype): whether
+        the decoder is still the base LLM it was built around or loaded from."""
+        digest = hashlib.sha256()
+        for name, parameter in self.parameter_groups()["decoder"]:
+            values = parameter.detach().reshape(-1)
+            values = values[:: max(1, values.numel() // 64)][:64]
+            digest.update(f"{name}{tuple(parameter.shape)}{values.float().tolist()}".encode())
+        return digest.hexdigest()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, base_model=None, **kwargs):
+        r"""
+        [`PreTrainedModel.from_pretrained`], for standalone folders and for adapter folders (`save_pretrained`'s
+        default): an adapter's base LLM is loaded by the name its `config.json` records (`base_model_name_or_path` at
+        `base_model_revision`), with the loading arguments given here (`dtype`, `device_map`,
+        `quantization_config`, `attn_implementation`, `token`, `cache_dir`, `local_files_only`, ...; `revision` and
+        `subfolder` are the adapter folder's), refused if its stored weights' fingerprint is not the one recorded,
+        and the CVAE's weights are attached to it.
+
+        Args:
+            base_model (`str` or `os.PathLike`, *optional*):
+                Where to load an adapter's base LLM from instead (a local copy, a mirror); its fingerprint is checked.
+        """
+        hub_kwargs = {name: kwargs[name] for name in ADAPTER_HUB_ARGUMENTS if name in kwargs}
+        config_dict, _ = cls.config_class.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+        if config_dict.get("saved_as") != "adapter":
+            if base_model is not None:
+                raise ValueError(
+                    f"base_model={base_model!r} names the base LLM of an adapter folder, but "
+                    f"{pretrained_model_name_or_path!r} is a standalone folder (its decoder is in its weights)"
+                )
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        return cls._from_adapter(pretrained_model_name_or_path, base_model, kwargs)
+
+    @classmethod
+    def _from_adapter(cls, path, base_model, kwargs: dict):
+        """Load the adapter folder `path`: its base LLM (checked by fingerprint), the CVAE built around the base's own
+        decoder and head (no copy), its own weights attached."""
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        hub_kwargs = {name: kwargs.pop(name) for name in ADAPTER_HUB_ARGUMENTS if name in kwargs}
+        config = kwargs.pop("config", None)
+        overrides = {name: kwargs.pop(name) for name in list(kwargs) if name in CVAE_FIELDS}
+        if not isinstance(config, CVAELlamaConfig):
+            config = cls.config_class.from_pretrained(path, **hub_kwargs, **overrides)
+        base_hub_kwargs = {name: hub_kwargs[name] for name in BASE_HUB_ARGUMENTS if name in hub_kwargs}
+        base_name = base_model if base_model is not None else config.base_model_name_or_path
+        revision = None if base_model is not None else getattr(config, "base_model_revision", None)
+        if revision is not None:
+            base_hub_kwargs["revision"] = revision
+        found = base_model_fingerprint(base_name, **base_hub_kwargs)
+        if found is None:
+            raise ValueError(
+                f"the adapter {str(path)!r} is saved on the base LLM {config.base_model_name_or_path!r}, but "
+                f"{str(base_name)!r} has no safetensors weights with these loading arguments ({base_hub_kwargs}): "
+                "neither a folder holding them nor a Hub repo reachable (offline, or not in the cache?)"
+            )
+        if found != config.base_model_fingerprint:
+            raise ValueError(
+                f"the adapter {str(path)!r} was saved on the base LLM {config.base_model_name_or_path!r} (revision "
+                f"{getattr(config, 'base_model_revision', None)}) with stored weights of fingerprint "
+                f"{config.base_model_fingerprint}, but {str(base_name)!r} has {found}: "
+                "its weights differ, and the CVAE's would be attached to another LLM. Load it on its own base (pass "
+                "base_model= to point at a copy of it)"
+            )
+        # the loading arguments but the auto classes' own (`_from_auto`, `_commit_hash`, the folder's code revision)
+        kwargs = {name: value for name, value in kwargs.items() if not name.startswith("_") and name != "code_revision"}
+        llm = AutoModelForCausalLM.from_pretrained(base_name, **base_hub_kwargs, **kwargs)
+        config._attn_implementation = llm.config._attn_implementation
+        with torch.device(llm.device):
+            model = cls._from_config(config, dtype=llm.dtype, llm=llm)
+        weights = cached_file(path, "model.safetensors", **hub_kwargs)
+        missing, unexpected = model.load_state_dict(load_state_dict(weights), strict=False)
+        missing = [name for name in missing if not name.startswith(DECODER_PREFIXES)]
+        if missing:
+            raise ValueError(f"the adapter {str(path)!r} lacks weights of the CVAE: {missing[:5]}")
+        if unexpected:
+            logger.warning(f"ignored weights the model does not have in {str(path)!r}: {unexpected[:5]}")
+        model.tie_weights()  # the decoder mode's freezing
+        generation_file = cached_file(path, "generation_config.json", _raise_exceptions_for_missing_entries=False,
+                                      **hub_kwargs)  # fmt: skip
+        if generation_file is not None:  # the adapter's own generation settings, else the base's
+            model.generation_config = GenerationConfig.from_pretrained(path, **hub_kwargs)
+        else:
+            model.generation_config = llm.generation_config
+        model.config._name_or_path = str(path)
+        model._base_digest = model._decoder_digest()
+        model.train(False)  # evaluation mode, as from_pretrained returns models
+        return model
+
+
+# ------------------------------------------------------------------------------------- the base LLM's stored weights
+def base_model_fingerprint(name_or_path, **hub_kwargs) -> str | None:
+    """A fingerprint of an LLM's stored safetensors weights (a local folder or a Hub repo, fetched as loading it
+    fetches them): a hash over every tensor's name, dtype and shape and its first 256 stored values. It reads a few
+    kilobytes per tensor, and it does not depend on how the LLM is loaded (dtype, quantisation, device). `None` where
+    there are no safetensors weights."""
+    index = cached_file(name_or_path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False,
+                        **hub_kwargs)  # fmt: skip
+    if index is not None:
+        files, _ = get_checkpoint_shard_files(name_or_path, index, **hub_kwargs)
+    else:
+        single = cached_file(name_or_path, "model.safetensors", _raise_exceptions_for_missing_entries=False,
+                             **hub_kwargs)  # fmt: skip
+        files = [single] if single is not None else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(files, key=lambda file: str(file).rsplit("/", 1)[-1]):
+        with safe_open(file, framework="pt") as stored:
+            for name in sorted(stored.keys()):
+                tensor = stored.get_slice(name)
+                digest.update(f"{name}:{tensor.get_dtype()}:{tensor.get_shape()}".encode())
+                values = tensor[:1] if len(tensor.get_shape()) > 1 else tensor[:]  # the first row
+                digest.update(bytes(values.reshape(-1)[:256].contiguous().view(torch.uint8).tolist()))
+    return f"sha256:{digest.hexdigest()}"
 
 
 class CVAELlamaModel(CVAELlamaPreTrainedModel):
@@ -908,13 +1109,17 @@ class CVAELlamaModel(CVAELlamaPreTrainedModel):
     encoder (`self.encoder`) gives z from a text. Its forward returns the final hidden states.
     """
 
-    def __init__(self, config: CVAELlamaConfig, lm_head: bool = False):
+    def __init__(self, config: CVAELlamaConfig, lm_head: bool = False, llm: PreTrainedModel | None = None):
         super().__init__(config)
-        self.model = DECODER_ARCHITECTURES[config.base_model_type].model(config)
+        # the decoder: built, or the given LLM's own (an adapter's base: its modules become the CVAE's, not copied)
+        self.model = DECODER_ARCHITECTURES[config.base_model_type].model(config) if llm is None else llm.model
         self.model.register_forward_pre_hook(_refuse_training_without_the_latent, with_kwargs=True)
         # the causal LM's head comes right after the decoder, as in the LLM's checkpoints (and so its weights
         # initialise in the order they always did)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if lm_head else None
+        if lm_head:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if llm is None else llm.lm_head
+        else:
+            self.lm_head = None
         self.encoder = CVAELlamaPosteriorEncoder(config)
         self.latent_memory = CVAELlamaLatentMemory(config) if config.uses_memory else None
         if self.latent_memory is not None:
@@ -939,10 +1144,10 @@ class CVAELlamaModel(CVAELlamaPreTrainedModel):
 
     def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
         embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
-        # the encoder's own copy of the embedding follows the decoder's vocabulary (its trainability kept)
-        self.encoder.embed_tokens = self._get_resized_embeddings(
-            self.encoder.embed_tokens, embeddings.num_embeddings, None, mean_resizing
-        )
+        if self.encoder.embed_tokens is not None:  # a copy of the embedding follows the decoder's vocabulary too
+            self.encoder.embed_tokens = self._get_resized_embeddings(
+                self.encoder.embed_tokens, embeddings.num_embeddings, None, mean_resizing
+            )
         return embeddings
 
     def encode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
@@ -953,7 +1158,8 @@ class CVAELlamaModel(CVAELlamaPreTrainedModel):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}"
             )
-        return self.encoder(input_ids, attention_mask)
+        shared = self.encoder.embed_tokens is None  # the decoder's own embedding (`config.share_llm_weights`)
+        return self.encoder(input_ids, attention_mask, self.model.embed_tokens(input_ids) if shared else None)
 
     def _check_posterior(self, latent_mean, latent_logvar, latent, batch_size: int) -> None:
         """Raise `ValueError` for a `latent_mean` / `latent_logvar` pair that `forward` cannot use as the posterior."""
@@ -1168,15 +1374,17 @@ class CVAELlamaForCausalLM(CVAELlamaModel, GenerationMixin):
     # As `LlamaForCausalLM`'s: the decoder's plan (`model.*`, from the config) shards `model.embed_tokens`, so the
     # head tied to it is sharded too
     _tp_plan = {"lm_head": "colwise_gather_output"}
-    # The memory's keys and values join each decoder layer's own, whose heads the plan shards: they are sharded alike.
+    # The keys and values of the memory's copies of the projections (folders saved before `share_llm_weights`) join each
+    # decoder layer's own, whose heads the plan shards: they are sharded alike.
     _latent_memory_tp_plan = {"latent_memory.layers.*.k_proj": "colwise", "latent_memory.layers.*.v_proj": "colwise"}
 
-    def __init__(self, config: CVAELlamaConfig):
-        super().__init__(config, lm_head=True)
+    def __init__(self, config: CVAELlamaConfig, llm: PreTrainedModel | None = None):
+        super().__init__(config, lm_head=True, llm=llm)
 
     def init_parallel_plans(self) -> None:
         super().init_parallel_plans()  # (called by post_init)
-        if self._tp_plan and getattr(self, "latent_memory", None) is not None:
+        memory = getattr(self, "latent_memory", None)
+        if self._tp_plan and memory is not None and memory.layers[0].k_proj is not None:  # copies of the projections
             self._tp_plan.update(self._latent_memory_tp_plan)
             if self.latent_memory.layers[0].k_norm is not None:  # as the decoder's own key norms (Qwen3)
                 self._tp_plan["latent_memory.layers.*.k_norm"] = "replicated_with_grad_allreduce"
@@ -1374,8 +1582,9 @@ class CVAELlamaForCausalLM(CVAELlamaModel, GenerationMixin):
         folder or a Hub repo id.
 
         CVAE fields (`latent_size`, `decoder_mode`, ...) are taken from `kwargs`; the other keywords go to
-        `from_pretrained` when a path is given. The decoder, the encoder's embedding and layers, and the memory's
-        key/value projections are copies of the LLM's weights; the LLM object passed in is not modified.
+        `from_pretrained` when a path is given. The decoder and the encoder's layers are copies of the LLM's weights
+        (the encoder's embedding and the memory's key / value projections are the decoder's own); the LLM object
+        passed in is not modified.
         """
         cvae_fields = {key: kwargs.pop(key) for key in list(kwargs) if key in CVAE_FIELDS}
         if isinstance(model_or_path, PreTrainedModel):
@@ -1410,9 +1619,27 @@ class CVAELlamaForCausalLM(CVAELlamaModel, GenerationMixin):
             if model.latent_memory is not None:
                 model.latent_memory.init_from_llm(llm)
         model.generation_config = llm.generation_config.__class__.from_dict(llm.generation_config.to_dict())
-        if getattr(llm, "name_or_path", None):
-            model.config.base_model_name_or_path = llm.name_or_path
+        model._name_base(llm, kwargs)
         return model
+
+    def _name_base(self, llm: PreTrainedModel, loading_kwargs: dict) -> None:
+        """Record in the config the base LLM the decoder is (its name, revision and stored weights' fingerprint), so
+        that `save_pretrained` can write an adapter on it; an LLM without stored safetensors weights gets no
+        fingerprint."""
+        name = getattr(llm, "name_or_path", None)
+        if not name:
+            return
+        self.config.base_model_name_or_path = name
+        revision = loading_kwargs.get("revision") or getattr(llm.config, "_commit_hash", None)
+        hub_kwargs = {key: loading_kwargs[key] for key in BASE_HUB_ARGUMENTS if key in loading_kwargs}
+        try:
+            fingerprint = base_model_fingerprint(name, **hub_kwargs, **({"revision": revision} if revision else {}))
+        except OSError as error:  # e.g. a name that is neither a folder nor a reachable repo
+            logger.info(f"the base LLM {name!r} has no stored weights to fingerprint ({error})")
+            fingerprint = None
+        self.config.base_model_revision = revision
+        self.config.base_model_fingerprint = fingerprint
+        self._base_digest = self._decoder_digest()
 
 
 __all__ = [

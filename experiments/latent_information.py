@@ -86,6 +86,11 @@ VARIANTS = {
     "defaults+pretrained_lr1e-5": _variant({}, train={"pretrained_learning_rate": 1e-5}),
     "defaults+full": _variant({}, model={"decoder_mode": "full"}, train={"pretrained_learning_rate": 1e-5}),
     "defaults+lora": _variant({}, model={"decoder_mode": "lora"}),
+    # the encoder's embedding and the memory's key / value projections as frozen copies of the LLM's, as before
+    # `share_llm_weights` (issue 37): shared, they follow a decoder that trains
+    "defaults+full+copies": _variant({}, model={"decoder_mode": "full", "share_llm_weights": False},
+                                     train={"pretrained_learning_rate": 1e-5}),  # fmt: skip
+    "defaults+lora+copies": _variant({}, model={"decoder_mode": "lora", "share_llm_weights": False}),
     "defaults+running_mean": _variant({}, model={"posterior_norm_statistics": "running_mean"}),
     # the memory's attention in a softmax of its own, behind a gate per layer and head starting at 0 (issue 27)
     "defaults+gated": _variant({}, model={"memory_attention": "gated"}),

@@ -52,7 +52,7 @@ def main():
         # 2. the read-out's features: run the encoder up to its norm
         captured = []
         hook = model.encoder.norm.register_forward_hook(lambda module, args, output, into=captured: into.append(output))
-        model.encoder(batch["input_ids"], batch["attention_mask"])
+        model.encode(batch["input_ids"], batch["attention_mask"])
         hook.remove()
         print(f"2. read-out '{pooling}': mean pairwise cosine of the normed features {mean_cosine(captured[0]):.3f}")
 

@@ -75,23 +75,38 @@ def test_without_the_memory_the_cvae_is_the_base_model(base_model_type, attn_imp
                 torch.testing.assert_close(cvae(ids, latent=latent, **kwargs).logits, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("share_llm_weights", [True, False])
 @pytest.mark.parametrize("base_model_type", ARCHITECTURES)
-def test_from_llm_copies_the_weights_bitwise_and_leaves_the_llm_unchanged(base_model_type):
+def test_from_llm_copies_the_weights_bitwise_and_leaves_the_llm_unchanged(base_model_type, share_llm_weights):
+    """The decoder and the encoder's layers are copies of the LLM's; the encoder's embedding and the memory's key /
+    value projections are the decoder's own modules (no parameter of the CVAE holds them twice), or, with
+    `share_llm_weights=False` (folders saved before it), copies of the LLM's."""
     llm = tiny_llm(base_model_type)
     before = {name: tensor.clone() for name, tensor in llm.state_dict().items()}
-    cvae = CVAELlamaForCausalLM.from_llm(llm, latent_size=8)
+    cvae = CVAELlamaForCausalLM.from_llm(llm, latent_size=8, share_llm_weights=share_llm_weights)
     after = llm.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
     state = cvae.state_dict()
     for name, tensor in before.items():  # the decoder: the checkpoint names of the architecture's causal LM
         assert torch.equal(state[name], tensor), name
     assert cvae.config.base_model_type == base_model_type
-    assert torch.equal(cvae.encoder.embed_tokens.weight, llm.model.embed_tokens.weight)
     for index, layer in enumerate(cvae.encoder.layers):
         assert type(layer) is DECODER_ARCHITECTURES[base_model_type].decoder_layer
         copied = llm.model.layers[index].state_dict()
         assert layer.state_dict().keys() == copied.keys()
         assert all(torch.equal(tensor, copied[name]) for name, tensor in layer.state_dict().items())
+    copies = [
+        name for name in state
+        if name.startswith("encoder.embed_tokens.")
+        or (name.startswith("latent_memory.") and any(f".{part}." in name for part in ("k_proj", "v_proj", "k_norm")))
+    ]  # fmt: skip
+    if share_llm_weights:
+        assert copies == [] and cvae.encoder.embed_tokens is None
+        assert all(layer.k_proj is None and layer.v_proj is None for layer in cvae.latent_memory.layers)
+        storages = [parameter.data_ptr() for parameter in cvae.parameters()]
+        assert len(storages) == len(set(storages))  # nothing held twice (the head is tied to the embedding)
+        return
+    assert copies and torch.equal(cvae.encoder.embed_tokens.weight, llm.model.embed_tokens.weight)
     for memory, layer in zip(cvae.latent_memory.layers, llm.model.layers, strict=True):
         parts = ("k_proj", "v_proj", "k_norm") if base_model_type == "qwen3" else ("k_proj", "v_proj")
         assert (memory.k_norm is not None) == (base_model_type == "qwen3")
@@ -112,7 +127,7 @@ def test_the_memory_keys_are_computed_as_the_architecture_computes_keys(base_mod
     latent = torch.randn(3, 8)
     num_slots = cvae.config.num_memory_slots
     with torch.no_grad():
-        memory = cvae.latent_memory.keys_and_values(latent, cvae.model.rotary_emb)
+        memory = cvae.latent_memory.keys_and_values(latent, cvae.model)
         cos, sin = cvae.model.rotary_emb(latent, position_ids=torch.arange(num_slots)[None])
         for index, (memory_layer, layer) in enumerate(zip(cvae.latent_memory.layers, cvae.model.layers, strict=True)):
             attention = layer.self_attn

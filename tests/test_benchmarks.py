@@ -62,3 +62,14 @@ def test_cpu_ratios_measures_another_architecture():
                  "--threads", "1")  # fmt: skip
     assert "frozen / plain" in output and "cvae / plain tokens/s" in output
     assert output.count("| qwen3 |") == 2  # one row of each table, in the Qwen3 architecture
+
+
+def test_adapter_size_prints_every_table():
+    output = run(BENCHMARKS / "adapter_size.py", "--tiny")
+    for title in ("saved bytes: adapter folder / standalone folder", "parameters: shared LLM weights against frozen copies",
+                  "peak training memory on CPU"):  # fmt: skip
+        assert title in output
+    assert "| Llama-3-8B shape | state dict, bf16, share_llm_weights=True |" in output
+    assert "frozen duplicates" in output and "/ frozen-LLM floor" in output
+    for variant in ("full fine-tune (AdamW)", "the frozen-LLM floor", "share_llm_weights=True", "share_llm_weights=False"):
+        assert variant in output

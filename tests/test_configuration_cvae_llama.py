@@ -20,6 +20,7 @@ NON_DEFAULT_FIELDS = dict(
     posterior_batch_norm=False,
     posterior_norm_statistics="running_mean",
     posterior_pooling="queries",
+    share_llm_weights=False,
 )
 
 
@@ -46,6 +47,7 @@ def test_paper_defaults():
         posterior_norm_statistics="batch",
         posterior_pooling="mean",
         memory_attention="joint",
+        share_llm_weights=True,
     )
 
 

@@ -179,19 +179,22 @@ def trainable_step(model: CVAELlamaForCausalLM, seed: int = 4) -> CVAELlamaOutpu
     return output
 
 
+@pytest.mark.parametrize("share_llm_weights", [True, False])
 @pytest.mark.parametrize("decoder_mode", ["frozen", "full", "lora"])
 @pytest.mark.parametrize("latent_injection", ["memory", "embedding", "memory+embedding"])
-def test_gradients_reach_exactly_the_trainable_parameters(decoder_mode, latent_injection):
-    model = make_model(perturb_zero_init=True, decoder_mode=decoder_mode, latent_injection=latent_injection)
+def test_gradients_reach_exactly_the_trainable_parameters(decoder_mode, latent_injection, share_llm_weights):
+    model = make_model(perturb_zero_init=True, decoder_mode=decoder_mode, latent_injection=latent_injection,
+                       share_llm_weights=share_llm_weights)  # fmt: skip
     frozen_names = model.frozen_parameter_names()
     llm_names = {name for name, _ in model.named_parameters() if name.startswith(("model.", "lm_head."))}
     if decoder_mode == "full":  # the LLM trains
         assert not frozen_names & llm_names
     else:  # the paper: the LLM is frozen
         assert {name for name in frozen_names if name.startswith(("model.", "lm_head."))} == llm_names
-    # in every mode the copies of the LLM's embedding and attention projections stay frozen, the rest trains
-    copies = {"encoder.embed_tokens.weight"}
-    if model.latent_memory is not None:
+    # shared, the encoder's embedding and the memory's projections are the decoder's and train with it; as copies
+    # (folders saved before `share_llm_weights`) they stay frozen in every mode; the rest trains
+    copies = set() if share_llm_weights else {"encoder.embed_tokens.weight"}
+    if model.latent_memory is not None and not share_llm_weights:
         copies |= {name for name, _ in model.latent_memory.named_parameters(prefix="latent_memory")
                    if name.endswith(("k_proj.weight", "v_proj.weight"))}
         assert "latent_memory.layers.1.v_proj.weight" in copies
@@ -217,9 +220,10 @@ def test_decoder_mode_leaves_attached_modules_trainable():
     )
 
 
+@pytest.mark.parametrize("share_llm_weights", [True, False])
 @pytest.mark.parametrize("decoder_mode", ["frozen", "full"])
-def test_parameter_breakdown_matches_named_parameters(decoder_mode, capsys):
-    model = make_model(decoder_mode=decoder_mode)
+def test_parameter_breakdown_matches_named_parameters(decoder_mode, share_llm_weights, capsys):
+    model = make_model(decoder_mode=decoder_mode, share_llm_weights=share_llm_weights)
     breakdown = model.print_parameter_breakdown()
     assert breakdown == model.parameter_breakdown()
     assert set(breakdown) == {"encoder", "latent_memory", "skip", "decoder", "total"}
@@ -240,9 +244,11 @@ def test_parameter_breakdown_matches_named_parameters(decoder_mode, capsys):
     assert sum(breakdown["encoder"].values()) == count("encoder.")
     assert sum(breakdown["latent_memory"].values()) == count("latent_memory.")
     assert sum(breakdown["skip"].values()) == count("latent_skip.") + count("latent_to_embedding.")
-    embedding = model.encoder.embed_tokens.weight.numel()
-    kv = sum(p.numel() for layer in model.latent_memory.layers for p in (*layer.k_proj.parameters(),
-                                                                         *layer.v_proj.parameters()))
+    embedding = kv = 0  # shared: no copies
+    if not share_llm_weights:
+        embedding = model.encoder.embed_tokens.weight.numel()
+        kv = sum(p.numel() for layer in model.latent_memory.layers for p in (*layer.k_proj.parameters(),
+                                                                             *layer.v_proj.parameters()))  # fmt: skip
     # the copies of the LLM's embedding and attention projections are frozen in both modes
     assert breakdown["encoder"] == {"trainable": count("encoder.") - embedding, "frozen": embedding}
     assert breakdown["latent_memory"] == {"trainable": count("latent_memory.") - kv, "frozen": kv}
@@ -686,8 +692,12 @@ def test_unsupported_attention_implementation():
 @pytest.mark.parametrize("decoder_mode", ["frozen", "full"])
 @pytest.mark.parametrize("tie_word_embeddings", [False, True])
 def test_resize_token_embeddings(decoder_mode, tie_word_embeddings):
+    """The decoder's vocabulary, and the encoder's copy of the embedding in folders saved before
+    `share_llm_weights` (shared, the encoder reads the decoder's)."""
     torch.manual_seed(0)
-    config = tiny_cvae_config(dict(tie_word_embeddings=tie_word_embeddings), decoder_mode=decoder_mode)
+    config = tiny_cvae_config(
+        dict(tie_word_embeddings=tie_word_embeddings), decoder_mode=decoder_mode, share_llm_weights=False
+    )
     model = CVAELlamaForCausalLM(config).eval()
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     old_encoder_embedding = model.encoder.embed_tokens.weight.clone()
@@ -835,11 +845,8 @@ def test_from_llm_on_a_tiny_llama(tmp_path):
     for index, layer in enumerate(model.encoder.layers):
         for name, tensor in layer.state_dict().items():
             assert torch.equal(tensor, llm.model.layers[index].state_dict()[name])
-    assert torch.equal(model.encoder.embed_tokens.weight, llm.model.embed_tokens.weight)
-    assert model.encoder.embed_tokens.weight.data_ptr() != llm.model.embed_tokens.weight.data_ptr()  # a copy
-    for memory, layer in zip(model.latent_memory.layers, llm.model.layers):
-        assert torch.equal(memory.k_proj.weight, layer.self_attn.k_proj.weight)
-        assert torch.equal(memory.v_proj.weight, layer.self_attn.v_proj.weight)
+    # the encoder's embedding and the memory's projections are the decoder's (copies of the LLM's), not copies
+    assert model.encoder.embed_tokens is None and model.latent_memory.layers[0].k_proj is None
     # with embedding injection only, a fresh CVAE is the LLM it wraps (the injection starts at zero)
     embedding = CVAELlamaForCausalLM.from_llm(llm, latent_size=8, latent_injection="embedding").eval()
     input_ids = random_ids(2, 6)
@@ -857,12 +864,19 @@ def memory_call_order(model, run) -> list[tuple[str, int]]:
     for index, layer in enumerate(model.model.layers):
         handles.append(layer.register_forward_pre_hook(lambda *_, i=index: order.append(("layer", i))))
     for index, layer in enumerate(model.latent_memory.layers):
-        handles.append(layer.k_proj.register_forward_hook(lambda *_, i=index: order.append(("memory", i))))
+
+        def keys_and_values(*args, layer=layer, index=index):
+            order.append(("memory", index))
+            return type(layer).keys_and_values(layer, *args)
+
+        layer.keys_and_values = keys_and_values
     try:
         run()
     finally:
         for handle in handles:
             handle.remove()
+        for layer in model.latent_memory.layers:
+            del layer.keys_and_values
     return order
 
 
@@ -955,5 +969,5 @@ def test_decoder_mode_freezes_after_every_way_parameters_are_put_in_place(tmp_pa
                   CVAELlamaForCausalLM.from_llm(llm, latent_size=8, decoder_mode=decoder_mode), resized):  # fmt: skip
         frozen = built.frozen_parameter_names()
         assert {name for name, p in built.named_parameters() if not p.requires_grad} == frozen
-        assert any(name.startswith("encoder.") for name in frozen)  # the embedding copy, in every mode
+        assert not any(name.startswith(("encoder.", "latent_memory.")) for name in frozen)  # no copies to freeze
         assert any(name.startswith("model.") for name in frozen) == (decoder_mode != "full")

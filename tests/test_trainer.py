@@ -468,7 +468,8 @@ def test_lora_targets_module_lists_and_names_every_parameter_as_the_cvae_does(to
     assert isinstance(peft_model, PeftModel)
     config = peft_model.peft_config["default"]
     assert config.target_modules == {"q_proj", "v_proj", "gate_proj"}  # names, no regular expression
-    assert "latent_memory.layers.0.v_proj" in config.exclude_modules  # the memory's copies get no adapter
+    # only the encoder's copied layers are outside the decoder (the memory uses the decoder's own projections)
+    assert all(name.startswith("encoder.layers.") for name in config.exclude_modules)
     names = cvae_parameter_names(peft_model)
     # every CVAE parameter once (a trained copy stands for its module), LoRA's adapters left out
     assert sorted(names.values()) == sorted(own_names)

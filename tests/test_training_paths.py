@@ -164,7 +164,8 @@ def test_one_text_per_device_batch_without_accumulation_is_refused(tokenizer, tm
 def test_a_posterior_passed_to_forward_is_checked(tokenizer):
     model = build_model(tokenizer).train()
     ids = torch.tensor([[1, 5, 6, 7]])
-    mean, logvar = model.encoder.eval()(ids)
+    model.encoder.eval()
+    mean, logvar = model.encode(ids)
     with pytest.raises(ValueError, match="latent_logvar is None but .* each of shape \\(1, "):
         model(input_ids=ids, latent_mean=mean)
     with pytest.raises(ValueError, match="either latent or a posterior"):

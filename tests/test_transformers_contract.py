@@ -150,16 +150,21 @@ def test_return_dict_false_gives_the_tuple_of_the_outputs():
     assert torch.equal(model(input_ids, return_dict=False, labels=input_ids)[0], as_output.loss)  # the loss first
 
 
+@pytest.mark.parametrize("share_llm_weights", [True, False])
 @pytest.mark.parametrize("latent_injection", ["memory", "embedding"])
-def test_tensor_parallel_plan_shards_the_tied_head_with_the_embedding(latent_injection):
-    model = CVAELlamaForCausalLM(tiny_cvae_config(dict(tie_word_embeddings=True), latent_injection=latent_injection))
+def test_tensor_parallel_plan_shards_the_tied_head_with_the_embedding(latent_injection, share_llm_weights):
+    config = tiny_cvae_config(
+        dict(tie_word_embeddings=True), latent_injection=latent_injection, share_llm_weights=share_llm_weights
+    )
+    model = CVAELlamaForCausalLM(config)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     plan = model.tp_plan
     assert plan["lm_head"] == "colwise_gather_output" and plan["model.embed_tokens"] == "embedding_rowwise"
-    # the memory's keys and values are sharded by heads as the decoder layers' own (when there is a memory)
+    # the memory's copies of the key / value projections (folders saved before `share_llm_weights`) are sharded by
+    # heads as the decoder layers' own; shared, they are the decoder layers' own
     memory = {"latent_memory.layers.*.k_proj": "colwise", "latent_memory.layers.*.v_proj": "colwise"}
-    assert (memory.items() <= plan.items()) == (latent_injection == "memory")
-    assert not any(key.startswith("latent_memory") for key in plan) or latent_injection == "memory"
+    assert (memory.items() <= plan.items()) == (latent_injection == "memory" and not share_llm_weights)
+    assert not any(key.startswith("latent_memory") for key in plan) or memory.items() <= plan.items()
 
 
 def test_past_key_values_is_the_deprecated_name_of_cache():

@@ -24,7 +24,7 @@ from transformers.utils import logging
 
 from ..data.collator import OneToManyCollator
 from ..latent_statistics import active_units, mutual_information
-from ..modeling_cvae_llama import CVAELlamaForCausalLM
+from ..modeling_cvae_llama import DECODER_PREFIXES, CVAELlamaForCausalLM
 from .arguments import CVAETrainingArguments
 from .checkpoints import checked_resume_checkpoint
 from .data_checks import resolve_dg_grouping, validate_train_dataset
@@ -241,6 +241,16 @@ class CVAETrainer(Trainer):
             ignore_keys_for_eval=ignore_keys_for_eval,
             **kwargs,
         )
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """`Trainer`'s warnings after it loads a checkpoint (resuming, `load_best_model_at_end`), less the decoder's
+        weights missing from an adapter checkpoint (`save_pretrained`'s default for a frozen decoder): the decoder is
+        the base LLM, unchanged in memory."""
+        model = unwrap_cvae(self.accelerator.unwrap_model(self.model))
+        if model.config.decoder_mode != "full":
+            missing = [name for name in load_result.missing_keys if not name.startswith(DECODER_PREFIXES)]
+            load_result = load_result._replace(missing_keys=missing)
+        super()._issue_warnings_after_load(load_result)
 
     # ------------------------------------------------------------------------------------------ step bookkeeping
     def _units(self, batch: dict) -> tuple[int, int]:
