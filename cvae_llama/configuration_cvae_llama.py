@@ -41,7 +41,8 @@ CVAE_FIELD_CHOICES = {
 BASE_CONFIG_CLASSES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
 # Keys of a CVAE config that are not the base architecture's: the CVAE's own, and what a saved config records about it.
 NOT_BASE_FIELDS = (*CVAE_FIELDS, "base_model_type", "model_type", "architectures", "auto_map", "transformers_version",
-                   "base_model_name_or_path", "base_model_revision", "base_model_fingerprint", "saved_as")  # fmt: skip
+                   "base_model_name_or_path", "base_model_revision", "base_model_fingerprint", "saved_as",
+                   "decoder_lora")  # fmt: skip
 # CVAE fields added after the first release, with the value that folders saved before them were built with: a saved
 # config without such a field loads as the architecture its weights have.
 CVAE_FIELDS_ADDED_LATER = {

@@ -64,25 +64,29 @@ def training_record(trainer, groups, dataset: str, dataset_format: str, base_mod
 
 
 def save_trained_cvae(trainer, output_dir: str | os.PathLike, record: dict | None = None):
-    """Save the trained CVAE of `trainer` to `output_dir` as a plain folder that `from_pretrained` loads: LoRA
-    adapters merged, the bag-of-words head (training only) and its forward hook removed (`remove_bow_head`); and,
-    from the main process, the training `record` as [`TRAINING_RECORD`].
+    """Save the trained CVAE of `trainer` to `output_dir` as a folder that `from_pretrained` loads, the bag-of-words
+    head (training only) and its forward hook removed (`remove_bow_head`); and, from the main process, the training
+    `record` as [`TRAINING_RECORD`]. An adapter on the base LLM where the CVAE was built around a named one
+    (`save_pretrained`'s default), LoRA's weights unmerged in it ([`lora_adapter_model`]); else the whole model, LoRA
+    merged into the decoder.
 
     Under several processes the head stays (every process must save the same model); `from_pretrained` drops its
     weights as unexpected.
 
     Returns:
-        The model saved (under LoRA the merged model, in the main process).
+        The model saved (under LoRA, in the main process, the CVAE with its LoRA layers, or merged).
     """
     from peft import PeftModel
 
+    from .training.lora import lora_adapter_model, unwrap_cvae
     from .trainer import remove_bow_head
 
     output_dir = Path(output_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)
     if isinstance(model, PeftModel):
-        if trainer.is_world_process_zero():  # merged and saved by the main process alone
-            model = remove_bow_head(model.merge_and_unload())
+        if trainer.is_world_process_zero():  # saved by the main process alone
+            named_base = getattr(unwrap_cvae(model).config, "base_model_fingerprint", None)
+            model = remove_bow_head(lora_adapter_model(model) if named_base else model.merge_and_unload())
             model.save_pretrained(output_dir)
             trainer.processing_class.save_pretrained(output_dir)
     else:

@@ -12,7 +12,8 @@ transformers' `AttentionInterface`, which receives it as a keyword argument, so 
 needs no copy of the architecture's code.
 
 This file travels to a Hub repo as remote code: it imports only torch, transformers, the standard library and
-`configuration_cvae_llama.py`. It opens no file and no connection.
+`configuration_cvae_llama.py` (and peft, only for the LoRA layers of an adapter folder that holds some). It opens no
+file and no connection itself: an adapter folder's base LLM is loaded, and its stored weights read, by transformers.
 """
 
 import copy
@@ -935,9 +936,9 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
                 can be, else the whole model.
         """
         adapter = self._saves_as_adapter(standalone)
-        if adapter:  # the CVAE's own weights: not the decoder's (`model.*`) nor the head's
+        if adapter:  # the CVAE's own weights and LoRA's: not the decoder's (`model.*`) nor the head's
             state_dict = self.state_dict() if state_dict is None else state_dict
-            state_dict = {name: tensor for name, tensor in state_dict.items() if not name.startswith(DECODER_PREFIXES)}
+            state_dict = {name: tensor for name, tensor in state_dict.items() if is_adapter_weight(name)}
         # a saved folder is a complete Hub repo: its auto_map names AutoModel as well as AutoConfig and
         # AutoModelForCausalLM (the latter two are added by transformers for a class registered for auto classes)
         if self._auto_class is not None:
@@ -955,6 +956,12 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
         where the model cannot be one."""
         if standalone not in (None, True, False):
             raise ValueError(f"standalone must be True, False or None (an adapter where possible), got {standalone!r}")
+        lora = any(".lora_" in name for name, _ in self.parameter_groups()["decoder"])
+        if standalone and lora:
+            raise ValueError(
+                "save_pretrained(standalone=True) of a decoder with LoRA layers: a standalone folder holds the LLM's "
+                "own layers; save the adapter (the default), or merge LoRA into the decoder first"
+            )
         if standalone:
             return False
         reason = self._why_not_an_adapter()
@@ -986,6 +993,9 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
         the decoder is still the base LLM it was built around or loaded from."""
         digest = hashlib.sha256()
         for name, parameter in self.parameter_groups()["decoder"]:
+            if ".lora_" in name:  # LoRA's weights are the adapter's, the layer they adapt is the base's
+                continue
+            name = name.replace(".base_layer.", ".")
             values = parameter.detach().reshape(-1)
             values = values[:: max(1, values.numel() // 64)][:64]
             digest.update(f"{name}{tuple(parameter.shape)}{values.float().tolist()}".encode())
@@ -1053,9 +1063,11 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
         config._attn_implementation = llm.config._attn_implementation
         with torch.device(llm.device):
             model = cls._from_config(config, dtype=llm.dtype, llm=llm)
+        if getattr(config, "decoder_lora", None):  # a CVAE trained with LoRA: its LoRA layers, unmerged
+            inject_decoder_lora(model, config.decoder_lora)
         weights = cached_file(path, "model.safetensors", **hub_kwargs)
         missing, unexpected = model.load_state_dict(load_state_dict(weights), strict=False)
-        missing = [name for name in missing if not name.startswith(DECODER_PREFIXES)]
+        missing = [name for name in missing if is_adapter_weight(name)]
         if missing:
             raise ValueError(f"the adapter {str(path)!r} lacks weights of the CVAE: {missing[:5]}")
         if unexpected:
@@ -1074,6 +1086,27 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
 
 
 # ------------------------------------------------------------------------------------- the base LLM's stored weights
+def is_adapter_weight(name: str) -> bool:
+    """Whether the weight `name` of a CVAE belongs in its adapter folder: the CVAE's own, and LoRA's on the decoder;
+    not the decoder's (`model.*`) nor the head's, which are the base LLM's."""
+    return not name.startswith(DECODER_PREFIXES) or ".lora_" in name
+
+
+def inject_decoder_lora(model: "CVAELlamaModel", settings: dict) -> None:
+    """Add LoRA layers (peft's, with `settings`: `r`, `lora_alpha`, `target_modules`, ...; `config.decoder_lora`) to
+    the decoder of `model`, unmerged, as an adapter folder of a CVAE trained with LoRA holds them. Only such folders
+    need peft."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as error:
+        raise ImportError(
+            "this CVAE's decoder has LoRA layers (config.json's `decoder_lora`), and loading them needs peft, which "
+            "is not installed: pip install peft"
+        ) from error
+    inject_adapter_in_model(LoraConfig(**settings), model.model)
+
+
+
 def base_model_fingerprint(name_or_path, **hub_kwargs) -> str | None:
     """A fingerprint of an LLM's stored safetensors weights (a local folder or a Hub repo, fetched as loading it
     fetches them): a hash over every tensor's name, dtype and shape and its first 256 stored values. It reads a few

@@ -4,6 +4,7 @@ remote code, pipelines) loads the base by that name and attaches them, refusing 
 twice."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from conftest import tiny_base_config
 from safetensors.torch import load_file
 from test_remote_code import CODE_FILES, PACKAGE, assert_same_as_local, run_without_cvae_llama, tiny_tokenizer
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, pipeline
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, pipeline
 
 from cvae_llama import CVAELlamaForCausalLM
 
@@ -298,3 +299,103 @@ def test_export_and_push_to_hub_write_the_adapter_folder(base, tmp_path, monkeyp
     model.push_to_hub("org/cvae")
     assert uploaded["config"]["saved_as"] == "adapter"
     assert not any(name.startswith(("model.", "lm_head.")) for name in uploaded["weights"])
+
+
+def lora_trained(base: Path):
+    """A CVAE on `base` with LoRA adapters whose weights are not zero (as after training): `(peft_model, cvae)`."""
+    from cvae_llama.training.lora import apply_lora
+
+    peft_model = apply_lora(cvae_on(base), r=2, target_modules=("q_proj", "v_proj"))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if ".lora_B." in name:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    return peft_model.eval()
+
+
+def test_lora_is_saved_unmerged_in_the_adapter_and_loads_bitwise(base, tmp_path):
+    from cvae_llama.training.lora import lora_adapter_model
+
+    peft_model = lora_trained(base)
+    expected = outputs(peft_model, INPUTS, LATENT)
+    model = lora_adapter_model(peft_model)
+    assert type(model) is CVAELlamaForCausalLM and model.config.decoder_lora["r"] == 2
+    unwrapped = outputs(model, INPUTS, LATENT)
+    # the same model (peft's wrappers keep the memory's MLPs from running stacked: equal to rounding)
+    torch.testing.assert_close(unwrapped["logits"], expected["logits"], rtol=0, atol=1e-6)
+    assert torch.equal(unwrapped["posterior"], expected["posterior"])
+    expected = unwrapped
+    model.save_pretrained(tmp_path / "adapter")
+    weights = load_file(tmp_path / "adapter" / "model.safetensors")
+    lora = [name for name in weights if ".lora_" in name]
+    assert lora and all(name.startswith("model.layers.") for name in lora)  # LoRA's, on the decoder only
+    assert not any(name.startswith(("model.", "lm_head.")) and ".lora_" not in name for name in weights)
+    assert not (tmp_path / "adapter" / "adapter_config.json").exists()
+    loaded = CVAELlamaForCausalLM.from_pretrained(tmp_path / "adapter")
+    assert all(torch.equal(value, expected[key]) for key, value in outputs(loaded, INPUTS, LATENT).items())
+    with pytest.raises(ValueError, match="a standalone folder holds the LLM's own layers"):
+        loaded.save_pretrained(tmp_path / "standalone", standalone=True)
+    # without the package, by its remote code
+    tiny_tokenizer().save_pretrained(tmp_path / "adapter")
+    report, found = run_without_cvae_llama(tmp_path, str(tmp_path / "adapter"))
+    assert_same_as_local(loaded, report, found)
+
+
+def test_a_lora_adapter_without_peft_says_so(base, tmp_path, monkeypatch):
+    from cvae_llama.training.lora import lora_adapter_model
+
+    lora_adapter_model(lora_trained(base)).save_pretrained(tmp_path / "adapter")
+    monkeypatch.setitem(__import__("sys").modules, "peft", None)  # `from peft import ...` fails
+    with pytest.raises(ImportError, match="decoder has LoRA layers .* needs peft, which is not installed"):
+        CVAELlamaForCausalLM.from_pretrained(tmp_path / "adapter")
+
+
+def test_the_remote_code_imports_peft_only_for_lora_layers():
+    """The one import of peft in the remote code is inside `inject_decoder_lora`, which only a folder holding LoRA
+    weights reaches."""
+    import ast
+
+    tree = ast.parse((PACKAGE / "modeling_cvae_llama.py").read_text())
+    found = []
+    for function in ast.walk(tree):
+        if isinstance(function, ast.FunctionDef):
+            for node in ast.walk(function):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    names = [node.module] if isinstance(node, ast.ImportFrom) else [alias.name for alias in node.names]
+                    found += [(function.name, name) for name in names if name.split(".")[0] == "peft"]
+    top_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert not any("peft" in ast.dump(node) for node in top_level)
+    assert found == [("inject_decoder_lora", "peft")]
+
+
+@pytest.mark.parametrize("how", ["package imported", "trust_remote_code"])
+def test_the_tokenizer_of_an_adapter_folder_loads_without_a_question(base, tmp_path, how):
+    """`AutoTokenizer` reads a folder's config.json before its tokenizer files, and transformers asks whether to run
+    the folder's code for a model type it does not know: once cvae_llama is imported (it registers the type), or with
+    `trust_remote_code=True`, it asks nothing and warns nothing, and the tokenizer is the base's class."""
+    import subprocess
+    import sys
+    import textwrap
+
+    cvae_on(base).save_pretrained(tmp_path / "adapter")
+    tiny_tokenizer().save_pretrained(tmp_path / "adapter")
+    load = (
+        "import cvae_llama; tokenizer = AutoTokenizer.from_pretrained(folder)"
+        if how == "package imported"
+        else "tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)"
+    )
+    script = textwrap.dedent(f"""
+        import sys
+        from transformers import AutoTokenizer
+        folder = sys.argv[1]
+        {load}
+        print(type(tokenizer).__name__, tokenizer.decode([5, 6]))
+    """)
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "adapter")], capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=300, env=environment)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = type(AutoTokenizer.from_pretrained(base)).__name__  # the base's own tokenizer class
+    assert result.stdout.strip() == f"{expected} w5 w6"  # one line: nothing asked on stdout
+    assert "custom code" not in result.stderr and "model of type" not in result.stderr

@@ -252,7 +252,11 @@ def test_train_with_other_objectives_and_architectures(one_to_many, workspace, t
     config = json.loads((output / "config.json").read_text())
     assert {key: config[key] for key in expected} == expected
     saved = weights(output)
-    assert not any("lora" in name or "bow_head" in name or "modules_to_save" in name for name in saved)
+    assert not any("bow_head" in name or "modules_to_save" in name or "base_layer" in name for name in saved)
+    # around a saved LLM: an adapter (LoRA's weights unmerged in it), the whole model when the decoder trains
+    lora = [name for name in saved if ".lora_" in name]
+    assert bool(lora) == (expected["decoder_mode"] == "lora") and all(name.startswith("model.") for name in lora)
+    assert config["saved_as"] == ("standalone" if expected["decoder_mode"] == "full" else "adapter")
     assert type(CVAELlamaForCausalLM.from_pretrained(output)) is CVAELlamaForCausalLM
 
 
@@ -396,6 +400,9 @@ def test_export_writes_a_hub_repo_with_a_card(trained, report, tmp_path, capsys)
     assert card.data.library_name == "transformers"
     assert card.data.pipeline_tag == "text-generation"
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # trained around a saved LLM, the CVAE is exported as an adapter on it, which the card's metadata says
+    assert json.loads((output / "config.json").read_text())["saved_as"] == "adapter"
+    assert card.data.to_dict()["base_model_relation"] == "adapter"
     assert card.data.license == "apache-2.0"
     assert {"cvae-llama", "demo-tag"} <= set(card.data.tags)
     results = json.loads((report / "results.json").read_text())
@@ -409,6 +416,9 @@ def test_export_writes_a_hub_repo_with_a_card(trained, report, tmp_path, capsys)
     assert "--overwrite" in error_line(capsys)
     assert run("export", "--model_name_or_path", trained, "--output_dir", output, "--overwrite") == 0
     assert not (output / "evaluation").exists()  # replaced, not merged
+    assert run("export", "--model_name_or_path", trained, "--output_dir", output, "--overwrite", "--standalone") == 0
+    assert json.loads((output / "config.json").read_text())["saved_as"] == "standalone"
+    assert "base_model_relation" not in (output / "README.md").read_text()
 
 
 def test_exported_folder_loads_by_repo_id_from_a_hub_cache_offline(workspace, tmp_path):

@@ -18,7 +18,8 @@ PACKAGE = Path(cvae_llama.__file__).resolve().parent
 REMOTE_CODE_FILES = ("configuration_cvae_llama.py", "modeling_cvae_llama.py")
 # torch, transformers, and pure standard-library modules that do no I/O
 ALLOWED_TOP_LEVEL_IMPORTS = {"torch", "transformers", "math", "dataclasses", "typing", "collections", "copy", "functools",
-                             "itertools", "contextlib", "warnings", "__future__", "hashlib"}
+                             "itertools", "contextlib", "warnings", "__future__", "hashlib",
+                             "peft"}  # peft: only to load the LoRA layers of an adapter folder that holds some
 FORBIDDEN_CALLS = {"open", "eval", "exec", "compile", "__import__", "input", "breakpoint"}
 FORBIDDEN_MODULES = {"os", "sys", "subprocess", "socket", "shutil", "pathlib", "urllib", "requests", "http", "io",
                      "pickle", "importlib", "ctypes", "multiprocessing", "huggingface_hub"}

@@ -318,6 +318,11 @@ class ExportArguments:
     )
     private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
+    standalone: bool = field(
+        default=False,
+        metadata={"help": "Write the whole model (the decoder too), not an adapter on its base LLM (the default "
+                  "where the model is one: only the CVAE's weights, the card naming the base)."},
+    )  # fmt: skip
 
 
 @dataclass

@@ -338,6 +338,7 @@ def run_export(model_args: ModelArguments, args: ExportArguments) -> Path:
         repo_id=args.repo_id or args.push_to_hub,
         training_data=args.training_data,
         overwrite=args.overwrite,
+        standalone=True if args.standalone else None,
         **model_args.load_kwargs(),
     )
     print(f"Wrote the Hub-ready folder {folder}: " + ", ".join(sorted(path.name for path in folder.iterdir())))

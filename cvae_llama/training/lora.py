@@ -8,7 +8,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from ..modeling_cvae_llama import CVAELlamaForCausalLM
+from ..modeling_cvae_llama import CVAELlamaForCausalLM, inject_decoder_lora
 
 
 def unwrap_cvae(model) -> CVAELlamaForCausalLM:
@@ -111,6 +111,31 @@ def apply_lora(
     return peft_model
 
 
+def lora_adapter_model(peft_model: PeftModel) -> CVAELlamaForCausalLM:
+    """The CVAE that `peft_model` (of [`apply_lora`]) trained, with its LoRA layers unmerged in the decoder and their
+    settings in `config.decoder_lora`: `save_pretrained` writes it as an adapter folder on the base LLM (the CVAE's
+    weights and LoRA's), which `from_pretrained` loads with the LoRA layers in place. The trained copies of the
+    CVAE's own modules replace peft's wrappers (`peft_model` is unwrapped in the process)."""
+    config = peft_model.peft_config[peft_model.active_adapter]
+    settings = {
+        "r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+        "target_modules": sorted(config.target_modules), "bias": config.bias, "use_rslora": config.use_rslora,
+    }  # fmt: skip
+    lora = {
+        name.removeprefix("base_model.model."): tensor.detach().clone()
+        for name, tensor in peft_model.state_dict().items()
+        if ".lora_" in name
+    }
+    model = unwrap_cvae(peft_model.unload())  # the decoder's own layers back, the trained modules in place
+    model.config.decoder_lora = settings
+    inject_decoder_lora(model, settings)
+    missing, unexpected = model.load_state_dict(lora, strict=False)
+    if unexpected or any(".lora_" in name for name in missing):
+        raise ValueError(f"the LoRA weights do not fit the decoder: unexpected {unexpected[:3]}, missing {missing[:3]}")
+    model.apply_decoder_mode()
+    return model
+
+
 def _check_lora_arguments(model, r, alpha, target_modules, dropout) -> None:
     """`ValueError` unless `model` is a plain CVAE and the LoRA settings name linear layers of its decoder."""
     if isinstance(model, PeftModel):
@@ -167,4 +192,4 @@ def pretrained_parameter_names(model) -> set[str]:
     }
 
 
-__all__ = ["apply_lora", "cvae_modules_to_save", "cvae_parameter_names", "pretrained_parameter_names", "unwrap_cvae"]
+__all__ = ["apply_lora", "cvae_modules_to_save", "lora_adapter_model", "cvae_parameter_names", "pretrained_parameter_names", "unwrap_cvae"]

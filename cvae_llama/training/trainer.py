@@ -24,7 +24,7 @@ from transformers.utils import logging
 
 from ..data.collator import OneToManyCollator
 from ..latent_statistics import active_units, mutual_information
-from ..modeling_cvae_llama import DECODER_PREFIXES, CVAELlamaForCausalLM
+from ..modeling_cvae_llama import CVAELlamaForCausalLM, is_adapter_weight
 from .arguments import CVAETrainingArguments
 from .checkpoints import checked_resume_checkpoint
 from .data_checks import resolve_dg_grouping, validate_train_dataset
@@ -248,7 +248,7 @@ class CVAETrainer(Trainer):
         the base LLM, unchanged in memory."""
         model = unwrap_cvae(self.accelerator.unwrap_model(self.model))
         if model.config.decoder_mode != "full":
-            missing = [name for name in load_result.missing_keys if not name.startswith(DECODER_PREFIXES)]
+            missing = [name for name in load_result.missing_keys if is_adapter_weight(name)]
             load_result = load_result._replace(missing_keys=missing)
         super()._issue_warnings_after_load(load_result)
 
