@@ -78,8 +78,8 @@ def save_trained_cvae(trainer, output_dir: str | os.PathLike, record: dict | Non
     """
     from peft import PeftModel
 
-    from .training.lora import lora_adapter_model, unwrap_cvae
     from .trainer import remove_bow_head
+    from .training.lora import lora_adapter_model, unwrap_cvae
 
     output_dir = Path(output_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)

@@ -192,4 +192,11 @@ def pretrained_parameter_names(model) -> set[str]:
     }
 
 
-__all__ = ["apply_lora", "cvae_modules_to_save", "lora_adapter_model", "cvae_parameter_names", "pretrained_parameter_names", "unwrap_cvae"]
+__all__ = [
+    "apply_lora",
+    "cvae_modules_to_save",
+    "cvae_parameter_names",
+    "lora_adapter_model",
+    "pretrained_parameter_names",
+    "unwrap_cvae",
+]
