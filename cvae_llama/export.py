@@ -215,7 +215,7 @@ def model_card(model, *, record: dict, results: dict | None, base_model: str | N
     the repo to its base on the Hub)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    relation = {"base_model_relation": "adapter"} if adapter and base_model else {}
+    relation = {"base_model_relation": "adapter"} if adapter and base_model else {}  # the Hub's link to the base
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="text-generation",
@@ -247,6 +247,7 @@ def model_card(model, *, record: dict, results: dict | None, base_model: str | N
         training_data=training_data or _training_data_text(record),
         objective=_objective_text(record),
         training_setup=_training_setup(record) if record else None,
+        adapter=adapter,
         results_table=_card_results_table(results, EVALUATION_FOLDER) if results is not None else None,
     )
 

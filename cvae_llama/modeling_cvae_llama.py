@@ -408,7 +408,9 @@ class CVAELlamaLatentMemoryLayer(nn.Module):
     def keys_and_values(self, states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                         attention: nn.Module):  # fmt: skip
         """`(batch, slots, hidden)` states -> keys (rotated as a prefix) and values `(batch, kv_heads, slots,
-        head_dim)`, by the projections of the decoder layer's `attention` (or the copies this layer holds)."""
+        head_dim)`, by the projections of the decoder layer's `attention` (or the copies this layer holds). Where the
+        decoder trains (in full, or LoRA on `k_proj` / `v_proj`), the slots go through its projections as they train,
+        so that merging LoRA into the decoder leaves the model unchanged."""
         projections = attention if self.k_proj is None else self
         states = states.contiguous()
         shape = (*states.shape[:2], -1, attention.head_dim)

@@ -125,8 +125,9 @@ def test_a_changed_base_is_refused_naming_both(base, tmp_path):
 def test_loading_arguments_reach_the_base(base, tmp_path):
     cvae_on(base).save_pretrained(tmp_path / "adapter")
     loaded = CVAELlamaForCausalLM.from_pretrained(
-        tmp_path / "adapter", dtype=torch.bfloat16, attn_implementation="eager"
+        tmp_path / "adapter", dtype=torch.bfloat16, attn_implementation="eager", device_map="cpu"
     )
+    assert loaded.model.embed_tokens.weight.device.type == "cpu"
     assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16 and loaded.dtype == torch.bfloat16
     assert loaded.encoder.norm.weight.dtype == torch.bfloat16  # the CVAE's own modules in the base's dtype
     assert loaded.config._attn_implementation == "eager"
@@ -274,11 +275,13 @@ def test_export_and_push_to_hub_write_the_adapter_folder(base, tmp_path, monkeyp
     card = (folder / "README.md").read_text()
     metadata = card.split("---")[1]
     assert "base_model: org/base-lm" in metadata and "base_model_relation: adapter" in metadata
+    assert "This repository is an adapter" in card
     saved = load_file(tmp_path / "adapter" / "model.safetensors")
     assert load_file(folder / "model.safetensors").keys() == saved.keys()
     # a standalone export: the whole model, no adapter relation
     whole = export_hub_folder(tmp_path / "adapter", tmp_path / "whole", base_model="org/base-lm", standalone=True)
     assert "base_model_relation" not in (whole / "README.md").read_text()
+    assert "This repository is an adapter" not in (whole / "README.md").read_text()
     assert any(name.startswith("model.") for name in load_file(whole / "model.safetensors"))
 
     # push_to_hub uploads what save_pretrained writes: the adapter folder (the upload captured, no network)
@@ -399,3 +402,21 @@ def test_the_tokenizer_of_an_adapter_folder_loads_without_a_question(base, tmp_p
     expected = type(AutoTokenizer.from_pretrained(base)).__name__  # the base's own tokenizer class
     assert result.stdout.strip() == f"{expected} w5 w6"  # one line: nothing asked on stdout
     assert "custom code" not in result.stderr and "model of type" not in result.stderr
+
+
+def test_the_memory_follows_loras_update_so_merging_keeps_the_model(base):
+    """Shared, the memory's keys and values go through the decoder layer's own projections as LoRA adapts them, so
+    that merging LoRA into the decoder (peft's `merge_and_unload`) leaves the model's outputs as they were."""
+    peft_model = lora_trained(base)  # LoRA on q_proj and v_proj, its B matrices not zero
+    cvae = peft_model.get_base_model()
+    with torch.no_grad():
+        with_lora = cvae.latent_memory.keys_and_values(LATENT, cvae.model)
+        logits = peft_model(INPUTS, latent=LATENT).logits
+        merged = peft_model.merge_and_unload()
+        assert torch.allclose(merged(INPUTS, latent=LATENT).logits, logits, rtol=0, atol=1e-5)
+        llm = LlamaForCausalLM.from_pretrained(base).state_dict()
+        for name, parameter in merged.named_parameters():
+            if name.endswith("v_proj.weight") and name.startswith("model."):  # the LLM's, without LoRA's update
+                parameter.copy_(llm[name])
+        without_lora = cvae.latent_memory.keys_and_values(LATENT, merged.model)
+    assert not torch.equal(with_lora[0][1], without_lora[0][1])
