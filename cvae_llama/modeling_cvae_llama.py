@@ -958,15 +958,15 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
         where the model cannot be one."""
         if standalone not in (None, True, False):
             raise ValueError(f"standalone must be True, False or None (an adapter where possible), got {standalone!r}")
-        lora = any(".lora_" in name for name, _ in self.parameter_groups()["decoder"])
-        if standalone and lora:
+        reason = None if standalone else self._why_not_an_adapter()
+        if any(".lora_" in name for name, _ in self.parameter_groups()["decoder"]) and (standalone or reason):
+            why = f" (and no adapter can be saved: {reason})" if reason else ""
             raise ValueError(
-                "save_pretrained(standalone=True) of a decoder with LoRA layers: a standalone folder holds the LLM's "
-                "own layers; save the adapter (the default), or merge LoRA into the decoder first"
+                f"save_pretrained of a decoder with LoRA layers as a standalone folder, which holds the LLM's own "
+                f"layers{why}: save the adapter on its base, or merge LoRA into the decoder first"
             )
         if standalone:
             return False
-        reason = self._why_not_an_adapter()
         if reason is not None and standalone is False:
             raise ValueError(f"save_pretrained(standalone=False) cannot save an adapter: {reason}")
         if reason is not None:
@@ -1018,7 +1018,9 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
                 Where to load an adapter's base LLM from instead (a local copy, a mirror); its fingerprint is checked.
         """
         hub_kwargs = {name: kwargs[name] for name in ADAPTER_HUB_ARGUMENTS if name in kwargs}
-        config_dict, _ = cls.config_class.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+        config_dict = {}  # (no folder: a config and a state dict given, as transformers' own tests do)
+        if pretrained_model_name_or_path is not None:
+            config_dict, _ = cls.config_class.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
         if config_dict.get("saved_as") != "adapter":
             if base_model is not None:
                 raise ValueError(

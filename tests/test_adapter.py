@@ -337,7 +337,7 @@ def test_lora_is_saved_unmerged_in_the_adapter_and_loads_bitwise(base, tmp_path)
     assert not (tmp_path / "adapter" / "adapter_config.json").exists()
     loaded = CVAELlamaForCausalLM.from_pretrained(tmp_path / "adapter")
     assert all(torch.equal(value, expected[key]) for key, value in outputs(loaded, INPUTS, LATENT).items())
-    with pytest.raises(ValueError, match="a standalone folder holds the LLM's own layers"):
+    with pytest.raises(ValueError, match="as a standalone folder, which holds the LLM's own layers"):
         loaded.save_pretrained(tmp_path / "standalone", standalone=True)
     # without the package, by its remote code
     tiny_tokenizer().save_pretrained(tmp_path / "adapter")
