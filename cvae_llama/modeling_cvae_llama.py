@@ -870,7 +870,7 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
                 groups["encoder"].append((name, parameter))
             elif name.startswith("latent_memory."):
                 groups["latent_memory"].append((name, parameter))
-            elif name.startswith(("model.", "lm_head.")):
+            elif name.startswith(DECODER_PREFIXES):
                 groups["decoder"].append((name, parameter))
             else:
                 groups["skip"].append((name, parameter))
@@ -959,7 +959,7 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
         if standalone not in (None, True, False):
             raise ValueError(f"standalone must be True, False or None (an adapter where possible), got {standalone!r}")
         reason = None if standalone else self._why_not_an_adapter()
-        if any(".lora_" in name for name, _ in self.parameter_groups()["decoder"]) and (standalone or reason):
+        if any(is_lora_weight(name) for name, _ in self.parameter_groups()["decoder"]) and (standalone or reason):
             why = f" (and no adapter can be saved: {reason})" if reason else ""
             raise ValueError(
                 f"save_pretrained of a decoder with LoRA layers as a standalone folder, which holds the LLM's own "
@@ -995,7 +995,7 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
         the decoder is still the base LLM it was built around or loaded from."""
         digest = hashlib.sha256()
         for name, parameter in self.parameter_groups()["decoder"]:
-            if ".lora_" in name:  # LoRA's weights are the adapter's, the layer they adapt is the base's
+            if is_lora_weight(name):  # LoRA's weights are the adapter's, the layer they adapt is the base's
                 continue
             name = name.replace(".base_layer.", ".")
             values = parameter.detach().reshape(-1)
@@ -1028,19 +1028,19 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
                     f"{pretrained_model_name_or_path!r} is a standalone folder (its decoder is in its weights)"
                 )
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        return cls._from_adapter(pretrained_model_name_or_path, base_model, kwargs)
+        return cls._from_adapter(pretrained_model_name_or_path, config_dict, base_model, kwargs)
 
     @classmethod
-    def _from_adapter(cls, path, base_model, kwargs: dict):
-        """Load the adapter folder `path`: its base LLM (checked by fingerprint), the CVAE built around the base's own
-        decoder and head (no copy), its own weights attached."""
+    def _from_adapter(cls, path, config_dict: dict, base_model, kwargs: dict):
+        """Load the adapter folder `path` (whose config.json holds `config_dict`): its base LLM (checked by
+        fingerprint), the CVAE built around the base's own decoder and head (no copy), its own weights attached."""
         from transformers import AutoModelForCausalLM, GenerationConfig
 
         hub_kwargs = {name: kwargs.pop(name) for name in ADAPTER_HUB_ARGUMENTS if name in kwargs}
         config = kwargs.pop("config", None)
         overrides = {name: kwargs.pop(name) for name in list(kwargs) if name in CVAE_FIELDS}
         if not isinstance(config, CVAELlamaConfig):
-            config = cls.config_class.from_pretrained(path, **hub_kwargs, **overrides)
+            config = cls.config_class.from_dict(config_dict, **overrides)
         base_hub_kwargs = {name: hub_kwargs[name] for name in BASE_HUB_ARGUMENTS if name in hub_kwargs}
         base_name = base_model if base_model is not None else config.base_model_name_or_path
         revision = None if base_model is not None else getattr(config, "base_model_revision", None)
@@ -1089,11 +1089,16 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
         return model
 
 
-# ------------------------------------------------------------------------------------- the base LLM's stored weights
+# ------------------------------------------------------------------------------ an adapter on the base LLM: its weights
+def is_lora_weight(name: str) -> bool:
+    """Whether the weight `name` is one of LoRA's (peft names them `...lora_A...`, `...lora_B...`)."""
+    return ".lora_" in name
+
+
 def is_adapter_weight(name: str) -> bool:
     """Whether the weight `name` of a CVAE belongs in its adapter folder: the CVAE's own, and LoRA's on the decoder;
     not the decoder's (`model.*`) nor the head's, which are the base LLM's."""
-    return not name.startswith(DECODER_PREFIXES) or ".lora_" in name
+    return not name.startswith(DECODER_PREFIXES) or is_lora_weight(name)
 
 
 def inject_decoder_lora(model: "CVAELlamaModel", settings: dict) -> None:
@@ -1108,7 +1113,6 @@ def inject_decoder_lora(model: "CVAELlamaModel", settings: dict) -> None:
             "is not installed: pip install peft"
         ) from error
     inject_adapter_in_model(LoraConfig(**settings), model.model)
-
 
 
 def base_model_fingerprint(name_or_path, **hub_kwargs) -> str | None:

@@ -8,7 +8,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from ..modeling_cvae_llama import CVAELlamaForCausalLM, inject_decoder_lora
+from ..modeling_cvae_llama import CVAELlamaForCausalLM, inject_decoder_lora, is_lora_weight
 
 
 def unwrap_cvae(model) -> CVAELlamaForCausalLM:
@@ -124,13 +124,13 @@ def lora_adapter_model(peft_model: PeftModel) -> CVAELlamaForCausalLM:
     lora = {
         name.removeprefix("base_model.model."): tensor.detach().clone()
         for name, tensor in peft_model.state_dict().items()
-        if ".lora_" in name
+        if is_lora_weight(name)
     }
     model = unwrap_cvae(peft_model.unload())  # the decoder's own layers back, the trained modules in place
     model.config.decoder_lora = settings
     inject_decoder_lora(model, settings)
     missing, unexpected = model.load_state_dict(lora, strict=False)
-    if unexpected or any(".lora_" in name for name in missing):
+    if unexpected or any(is_lora_weight(name) for name in missing):
         raise ValueError(f"the LoRA weights do not fit the decoder: unexpected {unexpected[:3]}, missing {missing[:3]}")
     model.apply_decoder_mode()
     return model
