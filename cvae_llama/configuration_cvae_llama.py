@@ -4,6 +4,8 @@ fields of the conditional VAE around it.
 This file travels to a Hub repo as remote code: it imports only torch, transformers and the standard library.
 """
 
+import math
+
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 
@@ -26,6 +28,7 @@ CVAE_FIELDS = (
     "posterior_norm_statistics",
     "posterior_pooling",
     "memory_attention",
+    "memory_gate_scale",
     "share_llm_weights",
 )
 # The allowed values of the CVAE fields that take a name (checked by `validate_cvae`; the command line's choices).
@@ -50,6 +53,7 @@ CVAE_FIELDS_ADDED_LATER = {
     "posterior_pooling": "queries",
     "posterior_norm_statistics": "batch",
     "memory_attention": "joint",
+    "memory_gate_scale": 1.0,
     "share_llm_weights": False,
 }
 
@@ -109,13 +113,21 @@ class CVAELlamaConfig(LlamaConfig):
             tokens but the first, which holds an LLM's massive activations), or `"queries"`, the states of
             `num_latent_queries` learned queries appended to the input (the paper's; their states barely differ from
             one text to another at first). Folders saved before this field existed load with `"queries"`.
-        memory_attention (`str`, defaults to `"joint"`):
-            How a real token attends to the memory slots. `"joint"` (the paper's, as Optimus' memory): the slots are
-            keys in front of the text's, in one softmax, so they take attention mass from the text, and a fresh
-            CVAE does not score text as its LLM (the slots act as extra attention sinks). `"gated"` (zero-init
-            attention, LLaMA-Adapter, Zhang et al., 2024): the LLM's attention over the text, unchanged, plus
-            `g * attention over the slots` (their own softmax), with a gate `g` per layer and head that starts at
-            0: a fresh CVAE is its LLM exactly, whatever z, and the gates open as it trains.
+        memory_attention (`str`, defaults to `"gated"`):
+            How a real token attends to the memory slots. `"gated"` (zero-init attention, LLaMA-Adapter, Zhang et al.,
+            2024): the LLM's attention over the text, unchanged, plus `g * attention over the slots` (their own
+            softmax), with a gate `g` per layer and head that starts at 0: a fresh CVAE is its LLM exactly, whatever
+            z, and the gates open as it trains (at `memory_gate_scale`'s pace). `"joint"` (the paper's, as Optimus'
+            memory): the slots are keys in front of the text's, in one softmax, so they take attention mass from the
+            text, and a fresh CVAE does not score text as its LLM (the slots act as extra attention sinks). The
+            attention maps (`output_attentions`) are the joint softmax, the slots' columns first, or with `"gated"`
+            the text's own softmax (the LLM's shape). Folders saved before this field existed load with `"joint"`.
+        memory_gate_scale (`float`, defaults to 100.0):
+            With `memory_attention="gated"`, the gates are `memory_gate_scale * gate`, the parameter `gate` stored
+            divided by the scale. Adam moves a parameter by about its learning rate a step whatever its gradient, so
+            the scale is how many times faster than the CVAE's other new modules the gates open. Stored as they are
+            (1), they open too slowly for the latent to keep pace with the joint memory's. Folders saved before this
+            field existed load with 1.
         share_llm_weights (`bool`, defaults to `True`):
             Whether the posterior encoder's token embedding and the memory's key / value projections (and key norms,
             Qwen3's) are the decoder's own modules (`True`), or copies of the LLM's kept by the CVAE, frozen at the
@@ -149,7 +161,8 @@ class CVAELlamaConfig(LlamaConfig):
     posterior_batch_norm: bool = True
     posterior_norm_statistics: str = "batch"
     posterior_pooling: str = "mean"
-    memory_attention: str = "joint"
+    memory_attention: str = "gated"
+    memory_gate_scale: float = 100.0
     share_llm_weights: bool = True
 
     def __post_init__(self, **kwargs):
@@ -176,6 +189,9 @@ class CVAELlamaConfig(LlamaConfig):
                 f"`num_encoder_layers` ({self.num_encoder_layers}) cannot exceed the LLM's `num_hidden_layers` "
                 f"({self.num_hidden_layers})"
             )
+        scale = self.memory_gate_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"`memory_gate_scale` must be a finite positive number, got {scale!r}")
         for name in ("posterior_batch_norm", "share_llm_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}")

@@ -240,6 +240,12 @@ def model_card(model, *, record: dict, results: dict | None, base_model: str | N
         ),
         posterior_norm=", the posterior means batch-normalised (BN-VAE)" if config.posterior_batch_norm else "",
         num_memory_slots=config.num_memory_slots,
+        memory_attention=(
+            "in a softmax of their own, added behind a gate per layer and head that starts at 0 (a fresh CVAE is its "
+            "LLM)"
+            if config.memory_attention == "gated"
+            else "in one softmax with the text's keys"
+        ),
         decoder_mode=config.decoder_mode,
         base_model_type=config.base_model_type,
         base_architecture=base_class.removesuffix("ForCausalLM"),

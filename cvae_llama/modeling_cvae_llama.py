@@ -379,7 +379,7 @@ class CVAELlamaLatentMemoryLayer(nn.Module):
     key norm where the architecture has one, Qwen3's), so that the slots' keys are computed as the layer computes its
     tokens' keys (folders saved before `config.share_llm_weights` hold copies of them here instead). With
     `memory_attention="gated"`, a gate per head says how much of the memory's own attention the layer adds (0 at
-    first).
+    first): `gate_scale * gate` (`config.memory_gate_scale`).
     """
 
     def __init__(self, config: CVAELlamaConfig, layer_idx: int = 0):
@@ -399,7 +399,10 @@ class CVAELlamaLatentMemoryLayer(nn.Module):
             self.k_proj, self.v_proj = attention.k_proj, attention.v_proj
             self.k_norm = getattr(attention, "k_norm", None)
         gated = config.memory_attention == "gated"
+        # g = memory_gate_scale * gate: Adam moves a parameter by about its learning rate a step whatever the
+        # gradient, so the scale is how much faster than the other new modules the gates open
         self.gate = nn.Parameter(torch.zeros(config.num_attention_heads)) if gated else None
+        self.gate_scale = config.memory_gate_scale
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         """`(batch, latent_size)` -> the slots' states `(batch, slots, hidden)`."""
@@ -505,7 +508,8 @@ def latent_memory_attention(module, query, key, value, attention_mask, latent_me
             attention, module, query, key, value, attention_mask, memory_key, memory_value, call.implementation, **kwargs
         )
     output, weights = attention(module, query, key, value, attention_mask, **kwargs)  # the LLM's attention
-    memory_output = gated_memory_attention(module, query, memory_key, memory_value, memory_layer.gate)
+    gate = memory_layer.gate_scale * memory_layer.gate
+    memory_output = gated_memory_attention(module, query, memory_key, memory_value, gate)
     return output + memory_output.to(output.dtype), weights
 
 
@@ -657,6 +661,8 @@ class CVAELlamaLatentMemory(nn.Module):
         (PEFT, accelerate), so that their weights can be stacked; otherwise each layer runs its own forward."""
         plain = (nn.Sequential, nn.Linear, nn.GELU, nn.Linear)
         for layer in self.layers:
+            if type(layer) is not CVAELlamaLatentMemoryLayer or "forward" in vars(layer) or layer._forward_hooks:
+                return False
             if type(layer.to_states) is not nn.Sequential or type(layer.norm) is not LlamaRMSNorm:
                 return False
             parts = (layer.to_states, *layer.to_states, layer.norm)

@@ -79,7 +79,9 @@ VARIANTS = {
     "v0+kl": _variant(V0, train={"objective": "kl", "kl_weight": 1.0}),
     "v1": V1,
     "v1+mean_pool": _variant(V1, patch=["mean_pool"]),
+    # the current defaults (rows recorded before 2026-12-07, issue 38, under this name had the joint memory)
     "defaults": {},
+    "defaults+joint": _variant({}, model={"memory_attention": "joint"}),  # the paper's memory, the default before
     "defaults+kl": _variant({}, train={"objective": "kl", "kl_weight": 1.0}),
     "defaults+lr3e-3": _variant({}, train={"learning_rate": 3e-3}),
     "defaults+pretrained_lr1e-4": _variant({}, train={"pretrained_learning_rate": 1e-4}),
@@ -93,7 +95,14 @@ VARIANTS = {
     "defaults+lora+copies": _variant({}, model={"decoder_mode": "lora", "share_llm_weights": False}),
     "defaults+running_mean": _variant({}, model={"posterior_norm_statistics": "running_mean"}),
     # the memory's attention in a softmax of its own, behind a gate per layer and head starting at 0 (issue 27)
-    "defaults+gated": _variant({}, model={"memory_attention": "gated"}),
+    "defaults+gated": _variant({}, model={"memory_attention": "gated", "memory_gate_scale": 1.0}),
+    # the gates opened faster (issue 38): stored divided by 10, 30 or 100 (`memory_gate_scale`; these rows were first
+    # measured with the same scaling as a patch, before the field existed)
+    **{f"defaults+gated+gate_scale{scale}": _variant({}, model={"memory_attention": "gated", "memory_gate_scale": scale})
+       for scale in (10, 30, 100)},
+    # (1 - g) * the LLM's attention + g * the joint attention, g per layer and head from 0 (issue 38)
+    **{f"defaults+blend_scale{scale}": _variant({}, model={"memory_attention": "joint"}, patch=[f"blend_scale{scale}"])
+       for scale in (1, 10, 30, 100)},
     # one text per device batch, 16 accumulation steps (issue 25): CVAETrainer encodes each step in one pass
     "defaults+batch1x16": _variant({}, train={"per_device_train_batch_size": 1, "gradient_accumulation_steps": 16}),
 }
@@ -177,8 +186,64 @@ def _bos_states(model):
         return model.model(input_ids=bos, output_hidden_states=True).hidden_states
 
 
+class _Scaled(torch.nn.Module):
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, stored):
+        return self.scale * stored
+
+
+def patch_blend_scale(scale: float):
+    """patch_blend with its gates stored divided by `scale` (as `memory_gate_scale` stores the gated memory's)."""
+    from torch.nn.utils import parametrize
+
+    def patch(model):
+        patch_blend(model)
+        for memory in model.latent_memory.layers:
+            parametrize.register_parametrization(memory, "blend", _Scaled(scale))
+
+    return patch
+
+
+def patch_blend(model):
+    """out = (1 - g) * the LLM's attention over the text + g * the joint attention (slots and text in one softmax),
+    a gate g per layer and head starting at 0: a fresh CVAE is its LLM, and at g = 1 the memory is the paper's.
+    Equivalently `out_text + g * w * (out_memory - out_text)`, w the slots' share of the joint softmax (issue 38)."""
+    from transformers import AttentionInterface
+
+    from cvae_llama import modeling_cvae_llama as modeling
+
+    for memory in model.latent_memory.layers:
+        memory.blend = torch.nn.Parameter(torch.zeros(model.config.num_attention_heads))
+    original = modeling.latent_memory_attention
+
+    def blended(module, query, key, value, attention_mask, latent_memory, **kwargs):
+        call = latent_memory
+        blend = getattr(call.memory.layers[module.layer_idx], "blend", None)
+        if blend is None or (call.states is None and not call.in_cache):
+            return original(module, query, key, value, attention_mask, latent_memory, **kwargs)
+        if call.in_cache:  # the slots are the cache's first keys and values
+            slots = call.memory.layers[module.layer_idx].num_memory_slots
+            memory_key, key, memory_value, value = key[:, :, :slots], key[:, :, slots:], value[:, :, :slots], value[:, :, slots:]
+            if not call.fill_cache and attention_mask is not None:
+                attention_mask = attention_mask[..., slots:]
+        else:
+            memory_key, memory_value = call.keys_and_values(module)
+        attention = modeling.ALL_ATTENTION_FUNCTIONS[call.implementation]
+        text, weights = attention(module, query, key, value, attention_mask, **kwargs)
+        joint, _ = modeling.joint_memory_attention(attention, module, query, key, value, attention_mask, memory_key,
+                                                   memory_value, call.implementation, **kwargs)  # fmt: skip
+        gate = blend.to(text.dtype)[:, None]  # (heads, 1) against (batch, query, heads, head_dim)
+        return text + gate * (joint.to(text.dtype) - text), weights
+
+    AttentionInterface.register(modeling.LATENT_MEMORY_ATTENTION, blended)
+
+
 PATCHES = {"v0_slots": patch_v0_slots, "unit_slots": patch_unit_slots,
-           "mean_pool": patch_mean_pool, "batch_norm": patch_batch_norm}
+           "mean_pool": patch_mean_pool, "batch_norm": patch_batch_norm,
+           **{f"blend_scale{scale}": patch_blend_scale(scale) for scale in (1, 10, 30, 100)}}
 
 
 def yelp_rows(num_train: int, num_eval: int):

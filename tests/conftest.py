@@ -61,6 +61,17 @@ def tiny_cvae_config(llama_overrides=None, base_model_type: str = "llama", **cva
     return CVAELlamaConfig.from_base_config(tiny_base_config(base_model_type, **(llama_overrides or {})), **cvae_fields)
 
 
+def open_memory_gates(model, value: float = 0.5):
+    """Open a gated memory's gates at `value`, as after some training (a fresh CVAE's are 0, and it ignores z until
+    they open; the parameter stored is the gate divided by `memory_gate_scale`). Nothing to do for the joint memory."""
+    layers = [] if model.latent_memory is None else model.latent_memory.layers  # `latent_injection="embedding"`
+    with torch.no_grad():
+        for layer in layers:
+            if layer.gate is not None:
+                layer.gate.fill_(value / layer.gate_scale)
+    return model
+
+
 @pytest.fixture
 def one_thread():
     """Torch on one thread: for tiny models threads only add overhead, and on a busy 2-core machine two threads fight

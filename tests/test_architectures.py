@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, tiny_base_config, tiny_cvae_config
+from conftest import ARCHITECTURES, open_memory_gates, tiny_base_config, tiny_cvae_config
 from ddp_train import build_groups, build_tokenizer
 from safetensors.torch import load_file
 from test_remote_code import CODE_FILES, PACKAGE, assert_same_as_local, run_without_cvae_llama, tiny_tokenizer
@@ -146,7 +146,7 @@ def test_the_memory_keys_are_computed_as_the_architecture_computes_keys(base_mod
 def test_cached_generation_equals_a_full_forward(base_model_type):
     """Greedy decoding with the cache writes the tokens that a full forward of the whole sequence predicts, past the
     sliding window too (with a window the memory goes to every step's attention rather than into the cache)."""
-    cvae = CVAELlamaForCausalLM.from_llm(tiny_llm(base_model_type), latent_size=8).eval()
+    cvae = open_memory_gates(CVAELlamaForCausalLM.from_llm(tiny_llm(base_model_type), latent_size=8).eval())
     with torch.no_grad():
         cvae.latent_memory.layers[0].to_states[-1].weight.mul_(20)  # a latent the decoder cannot miss
     ids, latent = input_ids(), torch.randn(2, 8, generator=torch.Generator().manual_seed(2))

@@ -20,6 +20,8 @@ NON_DEFAULT_FIELDS = dict(
     posterior_batch_norm=False,
     posterior_norm_statistics="running_mean",
     posterior_pooling="queries",
+    memory_attention="joint",
+    memory_gate_scale=10.0,
     share_llm_weights=False,
 )
 
@@ -31,7 +33,8 @@ def as_dict(config: CVAELlamaConfig) -> dict:
 
 
 def test_paper_defaults():
-    """The paper's defaults, plus the batch norm of the posterior means (beyond the paper: issue 13)."""
+    """The paper's defaults, plus the batch norm of the posterior means (beyond the paper: issue 13) and the gated
+    memory (a fresh CVAE is its LLM: issue 38)."""
     config = CVAELlamaConfig.from_llama_config(tiny_llama_config())
     assert config.model_type == "cvae_llama"
     assert {name: getattr(config, name) for name in CVAE_FIELDS} == dict(
@@ -46,7 +49,8 @@ def test_paper_defaults():
         posterior_batch_norm=True,
         posterior_norm_statistics="batch",
         posterior_pooling="mean",
-        memory_attention="joint",
+        memory_attention="gated",
+        memory_gate_scale=100.0,
         share_llm_weights=True,
     )
 

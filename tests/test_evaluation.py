@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import SHARED_DATA, tiny_cvae_config, tiny_llama_config
+from conftest import SHARED_DATA, open_memory_gates, tiny_cvae_config, tiny_llama_config
 
 from cvae_llama.evaluation import (
     METRICS,
@@ -100,7 +100,7 @@ def tokenizer():
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return CVAELlamaForCausalLM(tiny_cvae_config()).eval()
+    return open_memory_gates(CVAELlamaForCausalLM(tiny_cvae_config()).eval())
 
 
 PROMPTS = ["the team won", "stocks fell on", "the cat sat"]

@@ -1,12 +1,13 @@
-"""`memory_attention="gated"` (issue 27): the LLM's attention over the text plus `g * attention over the memory`, with
-gates that start at 0, so that a fresh CVAE scores and generates as its LLM does, for any z, in every architecture and
-attention implementation, with and without a mask, a cache or gradient checkpointing; the gates train."""
+"""`memory_attention="gated"` (issue 27, the default since issue 38): the LLM's attention over the text plus
+`g * attention over the memory`, with gates that start at 0, so that a fresh CVAE scores and generates as its LLM does,
+for any z, in every architecture and attention implementation, with and without a mask, a cache or gradient
+checkpointing; the gates train, `memory_gate_scale` times faster than stored as they are."""
 
 import json
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, tiny_base_config
+from conftest import ARCHITECTURES, open_memory_gates, tiny_base_config
 from transformers import AutoModelForCausalLM
 
 from cvae_llama import CVAELlamaConfig, CVAELlamaForCausalLM
@@ -21,6 +22,16 @@ def fresh_pair(base_model_type: str, implementation: str, memory_attention: str 
     config._attn_implementation = implementation
     llm = AutoModelForCausalLM.from_config(config).eval()
     return llm, CVAELlamaForCausalLM.from_llm(llm, latent_size=8, memory_attention=memory_attention).eval()
+
+
+def assert_same_logits(actual_model, expected_model):
+    """The two models give the same logits for a left-padded batch and a random latent."""
+    input_ids, attention_mask = inputs()
+    latent = torch.randn(2, 8)
+    with torch.no_grad():
+        expected = expected_model(input_ids=input_ids, attention_mask=attention_mask, latent=latent).logits
+        actual = actual_model(input_ids=input_ids, attention_mask=attention_mask, latent=latent).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
 def inputs(batch: int = 2, length: int = 9):
@@ -49,14 +60,38 @@ def test_a_fresh_gated_cvae_is_its_llm_for_any_latent(base_model_type, implement
     assert torch.equal(actual, expected)
 
 
-def test_joint_memory_attention_changes_a_fresh_cvae_and_is_the_default():
-    """The paper's memory (one softmax over slots and text) is the default; its slots take attention mass."""
+def test_the_gated_memory_is_the_default_and_the_joint_memory_changes_a_fresh_cvae():
+    """The gated memory, with gates stored divided by 100, is the default; the paper's memory (one softmax over slots
+    and text) stays available, and its slots take attention mass."""
+    config = CVAELlamaConfig()
+    assert (config.memory_attention, config.memory_gate_scale) == ("gated", 100.0)
     llm, cvae = fresh_pair("llama", "sdpa", "joint")
-    assert CVAELlamaConfig().memory_attention == "joint" and cvae.latent_memory.layers[0].gate is None
+    assert cvae.latent_memory.layers[0].gate is None
     input_ids, attention_mask = inputs()
     with torch.no_grad():
         difference = llm(input_ids=input_ids).logits - cvae(input_ids=input_ids).logits
     assert difference.abs().max() > 1e-2
+
+
+def test_the_gate_is_its_scale_times_the_stored_parameter():
+    """The same gates stored at two scales give the same model; one Adam step opens them by about lr * scale."""
+    _, scaled = fresh_pair("llama", "sdpa")
+    plain = CVAELlamaForCausalLM(CVAELlamaConfig(**{**scaled.config.to_dict(), "memory_gate_scale": 1.0})).eval()
+    plain.load_state_dict(scaled.state_dict())
+    open_memory_gates(scaled, 0.7)
+    open_memory_gates(plain, 0.7)
+    assert plain.latent_memory.layers[0].gate[0].item() == pytest.approx(0.7)
+    assert_same_logits(scaled, plain)
+
+    _, fresh = fresh_pair("llama", "sdpa")
+    fresh.train()
+    input_ids, attention_mask = inputs()
+    gates = [layer.gate for layer in fresh.latent_memory.layers]
+    optimizer = torch.optim.Adam(gates, lr=1e-3)
+    fresh(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss.backward()
+    optimizer.step()
+    opened = torch.cat([layer.gate_scale * layer.gate.detach() for layer in fresh.latent_memory.layers]).abs()
+    torch.testing.assert_close(opened, torch.full_like(opened, 0.1), rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("checkpointing", [None, {"use_reentrant": True}, {"use_reentrant": False}],
@@ -73,9 +108,7 @@ def test_the_gates_and_then_the_memory_train(checkpointing):
     assert layer.gate.grad is not None and layer.gate.grad.abs().min() > 0
     assert not layer.to_states[2].weight.grad.any()
     cvae.zero_grad()
-    with torch.no_grad():
-        for memory_layer in cvae.latent_memory.layers:
-            memory_layer.gate.fill_(0.5)
+    open_memory_gates(cvae, 0.5)
     cvae(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss.backward()
     assert layer.to_states[2].weight.grad.abs().sum() > 0
     assert any(p.grad is not None and p.grad.any() for p in cvae.encoder.parameters())
@@ -85,9 +118,7 @@ def test_an_open_gate_adds_the_memory_in_training_and_decoding_alike():
     """The memory passed to the attention (training, no cache) and the memory in the KV cache (decoding) give the
     same logits once the gates are open."""
     _, cvae = fresh_pair("llama", "sdpa")
-    with torch.no_grad():
-        for layer in cvae.latent_memory.layers:
-            layer.gate.fill_(1.0)
+    open_memory_gates(cvae, 1.0)
     input_ids, attention_mask = inputs()
     latent = torch.randn(2, 8)
     with torch.no_grad():
@@ -101,6 +132,26 @@ def test_an_open_gate_adds_the_memory_in_training_and_decoding_alike():
         baseline = closed(input_ids=input_ids, attention_mask=attention_mask, latent=latent).logits
     torch.testing.assert_close(step.logits[:, -1], full[:, -1], rtol=1e-4, atol=1e-4)
     assert (full - baseline)[attention_mask.bool()].abs().max() > 1e-3  # the open memory does change the text's logits
+
+
+def test_a_folder_saved_before_the_gate_scale_loads_its_gates_as_they_were(tmp_path):
+    """A gated folder saved before `memory_gate_scale` stored the gates themselves: it loads with scale 1."""
+    _, cvae = fresh_pair("llama", "sdpa")
+    open_memory_gates(cvae, 0.3)
+    cvae.save_pretrained(tmp_path)
+    config_path = tmp_path / "config.json"
+    saved = json.loads(config_path.read_text())
+    del saved["memory_gate_scale"]
+    config_path.write_text(json.dumps(saved))
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "model.safetensors")
+    for name in [name for name in weights if name.endswith(".gate")]:
+        weights[name] = weights[name] * cvae.config.memory_gate_scale  # the gate itself, as such a folder holds it
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    reloaded = CVAELlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.memory_gate_scale == 1.0
+    assert_same_logits(reloaded, cvae)
 
 
 def test_a_folder_saved_before_the_field_loads_with_joint_memory(tmp_path):
@@ -117,3 +168,9 @@ def test_a_folder_saved_before_the_field_loads_with_joint_memory(tmp_path):
 def test_an_unknown_memory_attention_is_refused():
     with pytest.raises(ValueError, match="memory_attention. must be one of .*joint.*gated.*got 'softmax'"):
         CVAELlamaConfig(memory_attention="softmax")
+
+
+@pytest.mark.parametrize("scale", [0, -1.0, float("nan"), float("inf"), True, "100"])
+def test_a_gate_scale_that_is_not_a_finite_positive_number_is_refused(scale):
+    with pytest.raises(ValueError, match=f"memory_gate_scale. must be a finite positive number, got {scale!r}"):
+        CVAELlamaConfig(memory_gate_scale=scale)

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_cvae_config, tiny_llama_config
+from conftest import open_memory_gates, tiny_cvae_config, tiny_llama_config
 from transformers import (
     GemmaConfig,
     GemmaForCausalLM,
@@ -39,8 +39,9 @@ PAD = 0
 
 def make_model(seed: int = 0, perturb_zero_init: bool = False, **fields) -> CVAELlamaForCausalLM:
     """A tiny seeded CVAE in eval mode. `perturb_zero_init` gives the zero-initialised layers (the posterior read-out,
-    the embedding injection) small random weights, as after some training, so that gradients reach the layers before
-    them and the posterior is not exactly N(0, I)."""
+    the embedding injection) small random weights and opens the gated memory's gates (about 0.5), as after some
+    training, so that gradients reach the layers before them, the decoder reads z and the posterior is not exactly
+    N(0, I)."""
     torch.manual_seed(seed)
     model = CVAELlamaForCausalLM(tiny_cvae_config(**fields))
     if perturb_zero_init:
@@ -49,6 +50,7 @@ def make_model(seed: int = 0, perturb_zero_init: bool = False, **fields) -> CVAE
                 if isinstance(module, ZeroInitLinear):
                     module.weight.normal_(std=0.5)
                     module.bias.normal_(std=0.5)
+        open_memory_gates(model)
     return model.eval()
 
 
@@ -305,8 +307,9 @@ def test_stacked_latent_memory_computes_each_layers_own_forward(dtype):
     close = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(stacked, each, **close)
 
-    trained = [latent] + [p for p in memory.parameters() if p.requires_grad]
-    assert len(trained) == 1 + 5 * len(memory.layers)  # the MLPs' and norms' weights; the k/v copies are frozen
+    # the MLPs' and norms' weights (the gates act in the attention, not here; the k/v copies are frozen)
+    trained = [latent] + [p for name, p in memory.named_parameters() if p.requires_grad and not name.endswith(".gate")]
+    assert len(trained) == 1 + 5 * len(memory.layers)
 
     def gradients(states):
         objective = (states.float() ** 2).sum() + (states.float() * torch.linspace(-1, 1, states.shape[-1])).sum()
@@ -457,7 +460,7 @@ def test_fixed_latent_greedy_is_deterministic():
 
 
 def test_latent_reaches_generation():
-    model = make_model()
+    model = make_model(perturb_zero_init=True)  # the gates open
     input_ids = random_ids(1, 4)
     scores = [
         stack_logits(model.generate(input_ids, latent=z, max_new_tokens=3, do_sample=False, output_logits=True,
@@ -647,17 +650,21 @@ def test_trained_toy_prior_samples_are_diverse(trained_toy):
 
 
 # ------------------------------------------------------------------------------------------------ HF common checks
-def test_hidden_states_and_attentions():
-    model = make_model(num_memory_slots=3)
+@pytest.mark.parametrize("memory_attention", ["joint", "gated"])
+def test_hidden_states_and_attentions(memory_attention):
+    """The joint memory's maps have the slots' columns first (one softmax); the gated memory's are the text's own
+    softmax, the LLM's shape (the memory adds `g` times a softmax of its own)."""
+    model = make_model(perturb_zero_init=True, num_memory_slots=3, memory_attention=memory_attention)
     model.set_attn_implementation("eager")
     input_ids = random_ids(2, 5)
     output = model(input_ids, latent=latents(2), output_hidden_states=True, output_attentions=True)
+    slots = 3 if memory_attention == "joint" else 0
     assert len(output.hidden_states) == 3 and all(h.shape == (2, 5, 32) for h in output.hidden_states)
-    assert len(output.attentions) == 2 and all(a.shape == (2, 4, 5, 3 + 5) for a in output.attentions)
+    assert len(output.attentions) == 2 and all(a.shape == (2, 4, 5, slots + 5) for a in output.attentions)
     for attention in output.attentions:
         torch.testing.assert_close(attention.sum(-1), torch.ones(2, 4, 5))
-        assert (attention[..., :3] > 0).all()  # every token sees the memory slots
-        assert torch.equal(attention[..., 3:].triu(1), torch.zeros(2, 4, 5, 5))  # and is causal over real tokens
+        assert (attention[..., :slots] > 0).all()  # every token sees the memory slots
+        assert torch.equal(attention[..., slots:].triu(1), torch.zeros(2, 4, 5, 5))  # and is causal over real tokens
 
 
 @pytest.mark.parametrize("latent_injection", ["memory", "memory+embedding"])
@@ -671,9 +678,11 @@ def test_eager_and_sdpa_agree(latent_injection, tmp_path):
     latent = latents(2)
     for use_mask in (True, False):
         mask = attention_mask if use_mask else None
+        # the real tokens' logits (a padding position sees no text: eager and sdpa differ there, as in the LLM)
+        rows = attention_mask.bool() if use_mask else slice(None)
         torch.testing.assert_close(
-            eager(input_ids, attention_mask=mask, latent=latent).logits,
-            model(input_ids, attention_mask=mask, latent=latent).logits,
+            eager(input_ids, attention_mask=mask, latent=latent).logits[rows],
+            model(input_ids, attention_mask=mask, latent=latent).logits[rows],
             rtol=0, atol=1e-5,
         )
     torch.testing.assert_close(eager.encode(input_ids, attention_mask), model.encode(input_ids, attention_mask),
@@ -913,7 +922,7 @@ def test_the_decoders_attention_reads_a_plain_config_that_names_the_memory_atten
     model.set_attn_implementation("eager")
     assert model.config._attn_implementation == "eager"
     eager = model(ids, latent=latent, output_attentions=True)  # eager alone returns the attention maps
-    assert eager.attentions[0].shape[-1] == ids.shape[1] + model.config.num_memory_slots
+    assert eager.attentions[0].shape[-1] == ids.shape[1]  # the gated memory's: the text's own softmax
     torch.testing.assert_close(eager.logits, sdpa, rtol=1e-5, atol=1e-5)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_cvae_config
+from conftest import open_memory_gates, tiny_cvae_config
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -96,11 +96,13 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def saved_tiny_model(folder: Path, **fields) -> CVAELlamaForCausalLM:
-    """A tiny seeded model with a non-trivial posterior, saved with its tokenizer into `folder`."""
+    """A tiny seeded model with a non-trivial posterior and open memory gates, saved with its tokenizer into
+    `folder`."""
     torch.manual_seed(0)
     model = CVAELlamaForCausalLM(tiny_cvae_config(**fields)).eval()
     with torch.no_grad():
         model.encoder.to_latent_mean_logvar[-1].weight.normal_(std=0.5)
+    open_memory_gates(model)
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return model

@@ -87,11 +87,12 @@ def test_generate_still_draws_one_prior_sample_per_returned_sequence():
 
 
 # ------------------------------------------------------------------------------------------------ 2. attention maps
-def test_attention_maps_with_eager_attention(tmp_path):
-    trained_looking_model().save_pretrained(tmp_path)
+@pytest.mark.parametrize("memory_attention", ["gated", "joint"])
+def test_attention_maps_with_eager_attention(tmp_path, memory_attention):
+    trained_looking_model(memory_attention=memory_attention).save_pretrained(tmp_path)
     model = CVAELlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     output = model(token_ids(2, 5), output_attentions=True)
-    slots = model.config.num_memory_slots
+    slots = model.config.num_memory_slots if model.config.memory_attention == "joint" else 0  # gated: the text's
     assert len(output.attentions) == model.config.num_hidden_layers
     assert all(attention.shape == (2, 4, 5, slots + 5) for attention in output.attentions)  # the slots come first
     for attention in output.attentions:
