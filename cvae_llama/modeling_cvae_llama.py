@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -508,7 +509,10 @@ def latent_memory_attention(module, query, key, value, attention_mask, latent_me
             attention, module, query, key, value, attention_mask, memory_key, memory_value, call.implementation, **kwargs
         )
     output, weights = attention(module, query, key, value, attention_mask, **kwargs)  # the LLM's attention
-    gate = memory_layer.gate_scale * memory_layer.gate
+    gate = memory_layer.gate
+    if isinstance(gate, DTensor):  # tensor parallel: the gates of this rank's heads, as the plan shards the queries
+        gate = gate.to_local()
+    gate = memory_layer.gate_scale * gate
     memory_output = gated_memory_attention(module, query, memory_key, memory_value, gate)
     return output + memory_output.to(output.dtype), weights
 
@@ -859,6 +863,8 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, CVAELlamaPosteriorEncoder) and hasattr(module, "latent_queries"):
             init.normal_(module.latent_queries, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, CVAELlamaLatentMemoryLayer) and module.gate is not None:
+            init.zeros_(module.gate)  # closed: a fresh CVAE is its LLM
 
     def tie_weights(self, *args, **kwargs):
         # transformers calls this whenever it puts parameters in place (building, loading, resizing the vocabulary),
@@ -1435,6 +1441,8 @@ class CVAELlamaForCausalLM(CVAELlamaModel, GenerationMixin):
             self._tp_plan.update(self._latent_memory_tp_plan)
             if self.latent_memory.layers[0].k_norm is not None:  # as the decoder's own key norms (Qwen3)
                 self._tp_plan["latent_memory.layers.*.k_norm"] = "replicated_with_grad_allreduce"
+        if self._tp_plan and memory is not None and memory.layers[0].gate is not None:
+            self._tp_plan["latent_memory.layers.*.gate"] = "colwise"  # one gate per query head: sharded as the heads
 
     def get_output_embeddings(self):
         return self.lm_head

@@ -69,9 +69,9 @@ def folders(tiny_lm, tmp_path_factory):
         cvae = CVAELlamaForCausalLM.from_llm(llm, latent_size=8, **settings)
         folder = tmp_path_factory.mktemp(f"cvae-{name}")
         cvae.save_pretrained(folder)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (tiny_lm / name).exists():
-                (folder / name).write_bytes((tiny_lm / name).read_bytes())
+        for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (tiny_lm / file).exists():
+                (folder / file).write_bytes((tiny_lm / file).read_bytes())
         result[name] = folder
     return result
 

@@ -290,6 +290,7 @@ def expected_parameter_breakdown(config) -> dict[str, dict[str, int]]:
     bottleneck = int(math.sqrt(hidden))
     slots = config.num_memory_slots * hidden
     memory_mlp = (latent * bottleneck + bottleneck) + (bottleneck * slots + slots) + hidden  # MLP + RMSNorm
+    memory_mlp += config.num_attention_heads if config.memory_attention == "gated" else 0  # a gate per head
     skip = (latent * hidden + hidden) + (hidden * hidden + hidden) + hidden  # MLP + RMSNorm
     breakdown = {
         # the encoder's embedding and the memory's key / value projections are the decoder's, counted there

@@ -529,6 +529,13 @@ def agnews_one_to_many(tmp_path_factory, shared_data):
 
 @pytest.mark.slow
 def test_smollm2_dg_gskip_lowers_reconstruction_and_keeps_the_posterior_informative(agnews_one_to_many, tmp_path):
+    """40 steps of DG + G-Skip on AG News groups: the training reconstruction falls, the decoder reads z (a response
+    reconstructs better from its own posterior mean than from a sibling's) and the posterior is informative.
+
+    A fresh CVAE of the defaults (the gated memory, issue 38) is its LLM, so the probe starts at the LLM's own
+    reconstruction (3.045 nats a token), and in 40 steps it does not get below it: 3.197 (3.132 after 80 steps), as
+    the gates open faster than the memory learns. The joint memory starts damaged (3.447) and reaches 3.239; the
+    check "lower than the fresh model's" held for it only because of that damage (measured 2026-12-07)."""
     from cvae_llama.trainer import active_units, mutual_information
 
     folder, tokenizer, groups = agnews_one_to_many
@@ -573,6 +580,6 @@ def test_smollm2_dg_gskip_lowers_reconstruction_and_keeps_the_posterior_informat
     for key in before:
         print(f"  {key:<24}{before[key]:8.4f} -> {after[key]:8.4f}")
     assert all(math.isfinite(entry[term]) for entry in logs for term in ("loss", *LOGGED_TERMS))
-    assert after["reconstruction"] < before["reconstruction"]
+    assert after["reconstruction"] < after["reconstruction_other_z"] - 0.01  # the decoder reads z
     assert logs[-1]["reconstruction_loss"] < logs[0]["reconstruction_loss"]
     assert after["kl"] > 0.01 and after["active_units"] > 0

@@ -61,9 +61,11 @@ class CVAELlamaModelTester:
 
     causal_lm_class = CVAELlamaForCausalLM  # the class TrainingTesterMixin trains
 
-    def __init__(self, parent, batch_size=2, seq_length=7, is_training=True, base_model_type="llama"):
+    def __init__(self, parent, batch_size=2, seq_length=7, is_training=True, base_model_type="llama",
+                 memory_attention="gated"):  # fmt: skip
         self.parent = parent
         self.base_model_type = base_model_type
+        self.memory_attention = memory_attention
         self.batch_size = batch_size
         self.seq_length = seq_length
         self.is_training = is_training
@@ -73,8 +75,9 @@ class CVAELlamaModelTester:
         self.num_attention_heads = 4
         self.num_key_value_heads = 2
         self.num_memory_slots = 3
-        # attention maps have the memory slots as their first columns
-        self.key_length = seq_length + self.num_memory_slots
+        # the joint memory's attention maps have the memory slots as their first columns; the gated memory's are
+        # the text's own softmax
+        self.key_length = seq_length + (self.num_memory_slots if memory_attention == "joint" else 0)
 
     def get_config(self) -> CVAELlamaConfig:
         return CVAELlamaConfig(
@@ -93,6 +96,7 @@ class CVAELlamaModelTester:
             latent_size=8,
             num_latent_queries=2,
             num_memory_slots=self.num_memory_slots,
+            memory_attention=self.memory_attention,
             num_encoder_layers=1,
             gskip_samples=2,
             decoder_mode="full",
@@ -198,6 +202,7 @@ class CVAELlamaModelTest(
 ):
     all_model_classes = (CVAELlamaForCausalLM,)
     base_model_type = "llama"  # the decoder architecture (the subclasses below: the others)
+    memory_attention = "gated"  # the default; `CVAELlamaJointModelTest` below: the paper's joint memory
     # transformers dates a model by the copyright line of its config file and skips this check before 2023; this
     # package's files have no such line, and its `_init_weights` must cover every weight
     test_can_init_all_missing_weights_before_2023 = True
@@ -211,7 +216,8 @@ class CVAELlamaModelTest(
             cls.addClassCleanup(patcher.stop)
 
     def setUp(self):
-        self.model_tester = CVAELlamaModelTester(self, base_model_type=self.base_model_type)
+        self.model_tester = CVAELlamaModelTester(self, base_model_type=self.base_model_type,
+                                                 memory_attention=self.memory_attention)  # fmt: skip
         self.config_tester = ConfigTester(
             self, config_class=CVAELlamaConfig, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
             latent_size=16, base_model_type=self.base_model_type,
@@ -227,6 +233,9 @@ class CVAELlamaModelTest(
         seeded alike, as `test_tp_backward`."""
         if not hasattr(tensor_parallel.TensorParallelTesterMixin, "test_tp_unit_plan_forward_backward"):
             self.skipTest("transformers before 5.25 has no unit-plan TP test")
+        if self.memory_attention == "gated":  # transformers' own skip, which looks for such parameters in self_attn
+            self.skipTest("Attention has additional head-aligned parameters that unit sharding does not support yet "
+                          "(the gated memory's gates, one per query head)")  # fmt: skip
         with patch.object(tensor_parallel, "_test_tp_backward_impl", _tp_backward_impl):
             super().test_tp_unit_plan_forward_backward()
 
@@ -290,13 +299,14 @@ class CVAELlamaModelTest(
 
     def test_sliding_window_mask(self):
         """transformers' `test_sliding_window_mask` (Qwen's configs: `use_sliding_window`; Mistral's has none, and
-        transformers skips it too), with the memory slots as the first columns of each attention map: with the
+        transformers skips it too), with the joint memory's slots as the first columns of each attention map: with the
         window on, a sliding layer's real tokens attend to no real token beyond the window, a full layer's do; with
         it off, no layer masks them; and every token attends to every memory slot."""
         config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
         if not hasattr(config, "use_sliding_window"):
             self.skipTest(reason="Model does not support sliding window mask")
-        seq_len, window, slots = self.model_tester.seq_length, 3, config.num_memory_slots
+        seq_len, window = self.model_tester.seq_length, 3
+        slots = config.num_memory_slots if config.memory_attention == "joint" else 0  # gated: the text's own maps
         positions = torch.arange(seq_len)
         beyond_window = (positions[None] > positions[:, None]) | (positions[:, None] - positions[None] >= window)
         beyond_window = beyond_window.to(torch_device)  # (query, key): masked by a sliding layer
@@ -342,6 +352,13 @@ class CVAEQwen2ModelTest(CVAELlamaModelTest):
 
 class CVAEQwen3ModelTest(CVAELlamaModelTest):
     base_model_type = "qwen3"
+
+
+class CVAELlamaJointModelTest(CVAELlamaModelTest):
+    """The common tests with the paper's joint memory (the default before the gated one): the slots' columns in the
+    attention maps."""
+
+    memory_attention = "joint"
 
 
 class CVAELlamaBaseModelTest(CVAELlamaModelTest):
