@@ -165,7 +165,10 @@ def test_tensor_parallel_plan_shards_the_tied_head_with_the_embedding(latent_inj
     # heads as the decoder layers' own; shared, they are the decoder layers' own
     memory = {"latent_memory.layers.*.k_proj": "colwise", "latent_memory.layers.*.v_proj": "colwise"}
     assert (memory.items() <= plan.items()) == (latent_injection == "memory" and not share_llm_weights)
-    assert not any(key.startswith("latent_memory") for key in plan) or memory.items() <= plan.items()
+    # the gated memory's gates (the default), one per query head, are sharded as the heads
+    gates = {"latent_memory.layers.*.gate": "colwise"}
+    assert (gates.items() <= plan.items()) == (latent_injection == "memory")
+    assert {key for key in plan if key.startswith("latent_memory")} <= {*memory, *gates}
 
 
 def test_past_key_values_is_the_deprecated_name_of_cache():
