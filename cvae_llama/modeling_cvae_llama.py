@@ -664,15 +664,16 @@ class CVAELlamaLatentMemory(nn.Module):
         """Whether every layer's MLP and norm are the plain modules, on one device, with no hooks or wrappers
         (PEFT, accelerate), so that their weights can be stacked; otherwise each layer runs its own forward."""
         plain = (nn.Sequential, nn.Linear, nn.GELU, nn.Linear)
-        for layer in self.layers:
-            if type(layer) is not CVAELlamaLatentMemoryLayer or "forward" in vars(layer) or layer._forward_hooks:
+        for layer in self.layers:  # (a layer peft wraps whole, a gated one, is not of the layer's own class)
+            if type(layer) is not CVAELlamaLatentMemoryLayer:
                 return False
             if type(layer.to_states) is not nn.Sequential or type(layer.norm) is not LlamaRMSNorm:
                 return False
             parts = (layer.to_states, *layer.to_states, layer.norm)
             if tuple(map(type, parts[:-1])) != plain:
                 return False
-            if any(part._forward_hooks or part._forward_pre_hooks or "forward" in vars(part) for part in parts):
+            if any(part._forward_hooks or part._forward_pre_hooks or "forward" in vars(part)
+                   for part in (layer, *parts)):  # fmt: skip
                 return False
         weights = [
             part.weight for layer in self.layers for part in (layer.to_states[0], layer.to_states[2], layer.norm)
