@@ -48,6 +48,9 @@ setup(
             "matplotlib>=3.8",
         ],
         "demo": ["gguf>=0.10"],
+        # a quantised decoder (`from_llm(..., quantization_config=BitsAndBytesConfig(...))`, `--quantization`): tested
+        # with bitsandbytes 0.50 (on CPU too)
+        "quantization": ["bitsandbytes>=0.48"],
         # `cvae-llama explore`: the Gradio page (tested with gradio 6.31), its posterior plot and reconstruction scores
         "app": ["gradio>=6,<7", "matplotlib>=3.8", "sacrebleu>=2.4", "rouge-score>=0.1.2"],
         "test": [
@@ -66,6 +69,8 @@ setup(
             "trl>=1.16,<2",
             # tests/test_lm_eval_harness.py: the harness' `hf` backend scores a saved CVAE folder
             "lm_eval>=0.4.13,<0.5",
+            # tests/test_quantized_decoder.py: 4-bit and 8-bit decoders
+            "bitsandbytes>=0.48",
             # tests/test_explore.py: the explorer's page, driven through gradio_client
             "gradio>=6,<7",
             "gradio_client>=2,<3",

@@ -45,7 +45,7 @@ BASE_CONFIG_CLASSES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": 
 # Keys of a CVAE config that are not the base architecture's: the CVAE's own, and what a saved config records about it.
 NOT_BASE_FIELDS = (*CVAE_FIELDS, "base_model_type", "model_type", "architectures", "auto_map", "transformers_version",
                    "base_model_name_or_path", "base_model_revision", "base_model_fingerprint", "saved_as",
-                   "decoder_lora")  # fmt: skip
+                   "decoder_lora", "base_model_quantization_config", "quantization_config")  # fmt: skip
 # CVAE fields added after the first release, with the value that folders saved before them were built with: a saved
 # config without such a field loads as the architecture its weights have.
 CVAE_FIELDS_ADDED_LATER = {

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -227,7 +228,11 @@ class CVAELlamaPosteriorNorm(nn.BatchNorm1d):
                 "posterior_batch_norm=False (then use objective='dg' or free bits against collapse)"
             )
         if not self.training or self.statistics == "batch":
-            return super().forward(latent_mean)
+            # in the parameters' dtype: peft's k-bit preparation casts the parameters to float32, not the buffers
+            if self.running_mean.dtype != self.weight.dtype:
+                self.running_mean.data, self.running_var.data = (
+                    self.running_mean.data.to(self.weight.dtype), self.running_var.data.to(self.weight.dtype))  # fmt: skip
+            return super().forward(latent_mean.to(self.weight.dtype)).to(latent_mean.dtype)
         means = latent_mean.float()
         batch_mean, batch_var = means.mean(0), means.var(0, unbiased=False)
         with torch.no_grad():  # the running statistics, the batch's weight 1 / (batches seen) or `momentum` at least
@@ -254,6 +259,20 @@ class CVAELlamaPosteriorNorm(nn.BatchNorm1d):
         else:  # the batch's offset from the running mean passes (with its gradient), over the batch's own spread
             normed = (means - mean) / batch_std
         return (normed * self.weight + self.bias).to(latent_mean.dtype)
+
+
+def dequantized_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s parameters and buffers as plain tensors: the weights of a quantised LLM (bitsandbytes' 4-bit
+    `Params4bit` and 8-bit `Int8Params`) dequantised, as the CVAE's own copies of its layers start from them."""
+    state = {}
+    for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+        if type(tensor).__name__ in ("Params4bit", "Int8Params"):
+            from transformers.integrations.bitsandbytes import dequantize_bnb_weight
+
+            owner = module.get_submodule(name.rpartition(".")[0])
+            tensor = dequantize_bnb_weight(tensor, getattr(owner, "state", None))
+        state[name] = tensor
+    return state
 
 
 class CVAELlamaPosteriorEncoder(nn.Module):
@@ -356,7 +375,7 @@ class CVAELlamaPosteriorEncoder(nn.Module):
         mean token embedding, a neutral input for the copied layers, plus a little noise so that they do not read out
         the same share of the latent."""
         for index, layer in enumerate(self.layers):
-            layer.load_state_dict(llm.model.layers[index].state_dict())
+            layer.load_state_dict(dequantized_state_dict(llm.model.layers[index]))
         if self.embed_tokens is not None:
             self.embed_tokens.weight.copy_(llm.model.embed_tokens.weight)
         if self.config.posterior_pooling == "queries":
@@ -439,8 +458,8 @@ class CVAELlamaLatentMemoryLayer(nn.Module):
         """
         attention = llm_layer.self_attn
         if self.k_proj is not None:  # copies (`share_llm_weights=False`)
-            self.k_proj.load_state_dict(attention.k_proj.state_dict())
-            self.v_proj.load_state_dict(attention.v_proj.state_dict())
+            self.k_proj.load_state_dict(dequantized_state_dict(attention.k_proj))
+            self.v_proj.load_state_dict(dequantized_state_dict(attention.v_proj))
             if self.k_norm is not None:
                 self.k_norm.load_state_dict(attention.k_norm.state_dict())
         self.norm.weight.copy_(llm_layer.input_layernorm.weight)
@@ -910,7 +929,15 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
         return frozen
 
     def apply_decoder_mode(self):
-        """Set `requires_grad` as `config.decoder_mode` says (see `frozen_parameter_names`)."""
+        """Set `requires_grad` as `config.decoder_mode` says (see `frozen_parameter_names`); `ValueError` for
+        `decoder_mode="full"` with a quantised decoder, whose weights cannot train."""
+        quantization = getattr(self.config, "base_model_quantization_config", None)
+        if quantization and self.config.decoder_mode == "full":
+            raise ValueError(
+                f'decoder_mode="full" trains the decoder, but its weights are quantised '
+                f"({describe_quantization(quantization)}) and cannot train: use "
+                '"frozen" or "lora" (QLoRA), or build the CVAE on the LLM without quantization_config'
+            )
         frozen = self.frozen_parameter_names()
         for name, parameter in self.named_parameters():
             parameter.requires_grad_(name not in frozen)
@@ -950,10 +977,15 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
                 LoRA merged into it), or an LLM without stored safetensors weights. By default an adapter where it
                 can be, else the whole model.
         """
-        adapter = self._saves_as_adapter(standalone)
+        state_dict = None if state_dict is None else dict(state_dict)  # transformers drops tied keys from it in place
+        adapter = self._saves_as_adapter(standalone, state_dict)
         if adapter:  # the CVAE's own weights and LoRA's: not the decoder's (`model.*`) nor the head's
             state_dict = self.state_dict() if state_dict is None else state_dict
             state_dict = {name: tensor for name, tensor in state_dict.items() if is_adapter_weight(name)}
+        # under FSDP2 the model is an instance of a class that `fully_shard` made (`FSDPCVAELlamaForCausalLM`, in a
+        # module of torch's): the folder's code, auto_map and architectures are those of the model's own class
+        sharded_class = type(self)
+        self.__class__ = next(cls for cls in sharded_class.__mro__ if not issubclass(cls, FSDPModule))
         # a saved folder is a complete Hub repo: its auto_map names AutoModel as well as AutoConfig and
         # AutoModelForCausalLM (the latter two are added by transformers for a class registered for auto classes)
         if self._auto_class is not None:
@@ -964,19 +996,29 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
         try:
             return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
         finally:
+            self.__class__ = sharded_class
             del self.config.saved_as
 
-    def _saves_as_adapter(self, standalone: bool | None) -> bool:
-        """Whether `save_pretrained(standalone=standalone)` writes an adapter; `ValueError` for `standalone=False`
-        where the model cannot be one."""
+    def _saves_as_adapter(self, standalone: bool | None, state_dict: dict | None = None) -> bool:
+        """Whether `save_pretrained(standalone=standalone, state_dict=state_dict)` writes an adapter; `ValueError`
+        for `standalone=False` where the model cannot be one."""
         if standalone not in (None, True, False):
             raise ValueError(f"standalone must be True, False or None (an adapter where possible), got {standalone!r}")
-        reason = None if standalone else self._why_not_an_adapter()
+        reason = None if standalone else self._why_not_an_adapter(state_dict)
         if any(is_lora_weight(name) for name, _ in self.parameter_groups()["decoder"]) and (standalone or reason):
             why = f" (and no adapter can be saved: {reason})" if reason else ""
             raise ValueError(
                 f"save_pretrained of a decoder with LoRA layers as a standalone folder, which holds the LLM's own "
                 f"layers{why}: save the adapter on its base, or merge LoRA into the decoder first"
+            )
+        quantization = getattr(self.config, "base_model_quantization_config", None)
+        if quantization and (standalone or reason):
+            why = "standalone=True was asked" if standalone else reason
+            raise ValueError(
+                f"the decoder is quantised ({describe_quantization(quantization)}), and a CVAE on a quantised LLM "
+                f"saves as an adapter on its base, which loads quantised again; it cannot here: {why}. A standalone "
+                "folder would need a top-level quantization_config, which would quantise the CVAE's own layers on "
+                "loading"
             )
         if standalone:
             return False
@@ -986,8 +1028,9 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
             logger.info(f"saving the whole model (standalone): {reason}")
         return reason is None
 
-    def _why_not_an_adapter(self) -> str | None:
-        """Why this model cannot be saved as an adapter on its base LLM, or `None` when it can."""
+    def _why_not_an_adapter(self, state_dict: dict | None = None) -> str | None:
+        """Why this model (or its weights `state_dict`, where given) cannot be saved as an adapter on its base LLM,
+        or `None` when it can."""
         if self.config.decoder_mode == "full":
             return 'decoder_mode="full" trains the decoder, which only a standalone folder keeps'
         if not getattr(self.config, "base_model_fingerprint", None):
@@ -996,20 +1039,43 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
                 "has no stored safetensors weights to name (build the CVAE with from_llm(path or repo id) of an LLM "
                 "saved with save_pretrained)"
             )
-        if getattr(self, "_base_digest", None) != self._decoder_digest():
+        if getattr(self, "_base_digest", None) != self._decoder_digest(state_dict):
             return (
                 "the decoder is not the base LLM it was built from (LoRA merged into it? trained? loaded from a "
                 "standalone folder?): only a standalone folder keeps it"
             )
         return None
 
-    def _decoder_digest(self) -> str:
-        """A digest of the decoder's parameters as they are in memory (64 values of each, in its own dtype): whether
-        the decoder is still the base LLM it was built around or loaded from."""
+    def adopt_quantization(self, llm: PreTrainedModel) -> None:
+        """Carry the markers of a quantised decoder over from its LLM `llm` (`quantization_method`,
+        `is_loaded_in_4bit` / `is_loaded_in_8bit`), so that the tools which read them treat the CVAE as they treat the
+        LLM: transformers refuses to cast it to another dtype, `Trainer` leaves it on its devices, peft's
+        `prepare_model_for_kbit_training` prepares it. The CVAE has no `hf_quantizer`: its own layers are not
+        quantised, and it trains without peft. Nothing to do for an LLM that is not quantised."""
+        for name in ("quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+            if getattr(llm, name, None):
+                setattr(self, name, getattr(llm, name))
+        # bitsandbytes (0.50) on a CPU with AVX512-BF16 repacks a 4-bit weight at its first call in inference, its
+        # scales rounded to bfloat16, and unpacks it when its state dict is read: the decoder's outputs would depend
+        # on the order of those calls. It keeps the stored form here, the same in training and inference.
+        for module in self.model.modules():
+            if getattr(module, "support_avx512bf16_for_cpu", False):
+                module.support_avx512bf16_for_cpu = False
+
+    def _decoder_digest(self, state_dict: dict | None = None) -> str:
+        """A digest of the decoder's parameters as they are in memory (64 values of each, in its own dtype), or as
+        `state_dict` holds them (the full weights of a sharded model, gathered): whether the decoder is still the
+        base LLM it was built around or loaded from."""
         digest = hashlib.sha256()
         for name, parameter in self.parameter_groups()["decoder"]:
             if is_lora_weight(name):  # LoRA's weights are the adapter's, the layer they adapt is the base's
                 continue
+            parameter = parameter if state_dict is None else state_dict.get(name, parameter)
+            if isinstance(parameter, DTensor):  # a shard: reading it whole would take every process
+                raise ValueError(
+                    f"the model is sharded ({name} is a DTensor): pass save_pretrained the full state dict gathered "
+                    "from every process (state_dict=...), as Trainer does under FSDP"
+                )
             name = name.replace(".base_layer.", ".")
             values = parameter.detach().reshape(-1)
             values = values[:: max(1, values.numel() // 64)][:64]
@@ -1039,6 +1105,12 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
                 raise ValueError(
                     f"base_model={base_model!r} names the base LLM of an adapter folder, but "
                     f"{pretrained_model_name_or_path!r} is a standalone folder (its decoder is in its weights)"
+                )
+            if kwargs.get("quantization_config") is not None:
+                raise ValueError(
+                    f"quantization_config is given, but {pretrained_model_name_or_path!r} is a standalone folder, "
+                    "which transformers would quantise whole, the CVAE's own layers included: a quantised decoder "
+                    "comes from an adapter folder (save_pretrained's default), whose base LLM is loaded quantised"
                 )
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         return cls._from_adapter(pretrained_model_name_or_path, config_dict, base_model, kwargs)
@@ -1076,10 +1148,14 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
             )
         # the loading arguments but the auto classes' own (`_from_auto`, `_commit_hash`, the folder's code revision)
         kwargs = {name: value for name, value in kwargs.items() if not name.startswith("_") and name != "code_revision"}
+        if getattr(config, "base_model_quantization_config", None):  # the decoder quantised as it was trained
+            kwargs.setdefault("quantization_config", config.base_model_quantization_config)
         llm = AutoModelForCausalLM.from_pretrained(base_name, **base_hub_kwargs, **kwargs)
         config._attn_implementation = llm.config._attn_implementation
+        record_quantization(config, llm)
         with torch.device(llm.device):
             model = cls._from_config(config, dtype=llm.dtype, llm=llm)
+        model.adopt_quantization(llm)
         if getattr(config, "decoder_lora", None):  # a CVAE trained with LoRA: its LoRA layers, unmerged
             inject_decoder_lora(model, config.decoder_lora)
         weights = cached_file(path, "model.safetensors", **hub_kwargs)
@@ -1126,6 +1202,29 @@ def inject_decoder_lora(model: "CVAELlamaModel", settings: dict) -> None:
             "is not installed: pip install peft"
         ) from error
     inject_adapter_in_model(LoraConfig(**settings), model.model)
+
+
+def record_quantization(config: CVAELlamaConfig, llm: PreTrainedModel) -> bool:
+    """Record in `config` how the weights of `llm` (the decoder) are quantised: `base_model_quantization_config`, its
+    `quantization_config` as a dict, which loading the adapter passes on to the base; not there for an LLM that is not
+    quantised. The CVAE's config has no top-level `quantization_config`, which would make transformers quantise the
+    CVAE's own layers too. Returns whether `llm` is quantised."""
+    quantization = getattr(llm.config, "quantization_config", None) if getattr(llm, "is_quantized", False) else None
+    if quantization is None:
+        vars(config).pop("base_model_quantization_config", None)
+        return False
+    quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
+    # (JSON's values: `quant_method` is an enum of transformers')
+    config.base_model_quantization_config = {key: getattr(value, "value", value) for key, value in quantization.items()}
+    return True
+
+
+def describe_quantization(quantization: dict) -> str:
+    """A short description of a `quantization_config` dict, for messages ("bitsandbytes 4-bit (nf4)")."""
+    method = str(quantization.get("quant_method"))
+    if quantization.get("load_in_4bit"):
+        return f"{method} 4-bit ({quantization.get('bnb_4bit_quant_type')})"
+    return f"{method} 8-bit" if quantization.get("load_in_8bit") else method
 
 
 def base_model_fingerprint(name_or_path, **hub_kwargs) -> str | None:
@@ -1641,6 +1740,12 @@ class CVAELlamaForCausalLM(CVAELlamaModel, GenerationMixin):
         `from_pretrained` when a path is given. The decoder and the encoder's layers are copies of the LLM's weights
         (the encoder's embedding and the memory's key / value projections are the decoder's own); the LLM object
         passed in is not modified.
+
+        A quantised LLM (`quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...)`, or an LLM object loaded
+        so) is not copied: its quantised decoder and head become the CVAE's, frozen (`decoder_mode` `"frozen"` or
+        `"lora"`), the encoder's layers start from its dequantised weights, and the CVAE's own modules are built
+        unquantised in the LLM's dtype. `config.base_model_quantization_config` records the quantisation, which the
+        saved adapter's base is loaded with again.
         """
         cvae_fields = {key: kwargs.pop(key) for key in list(kwargs) if key in CVAE_FIELDS}
         if isinstance(model_or_path, PreTrainedModel):
@@ -1664,13 +1769,22 @@ class CVAELlamaForCausalLM(CVAELlamaModel, GenerationMixin):
             )
         config = CVAELlamaConfig.from_base_config(llm.config, **cvae_fields)
         config._attn_implementation = llm.config._attn_implementation
+        quantized = record_quantization(config, llm)
+        if quantized and isinstance(model_or_path, PreTrainedModel):
+            logger.warning(
+                f"the LLM is quantised ({describe_quantization(config.base_model_quantization_config)}): the CVAE takes "
+                "its decoder and head as they are (a quantised weight cannot be copied without doubling its memory), "
+                "so the LLM object now runs with the CVAE's latent memory attached (without a latent, as before)"
+            )
         # built where the LLM lives, in its dtype: an 8B CVAE built on CPU in float32 first takes minutes and 37 GB
         with torch.device(llm.device):
-            model = cls._from_config(config, dtype=llm.dtype)
+            model = cls._from_config(config, dtype=llm.dtype, llm=llm if quantized else None)
+        model.adopt_quantization(llm)
         with torch.no_grad():
-            missing, unexpected = model.load_state_dict(llm.state_dict(), strict=False)
-            if unexpected:
-                raise ValueError(f"the LLM has weights the CVAE's decoder does not: {unexpected[:5]}")
+            if not quantized:
+                _, unexpected = model.load_state_dict(llm.state_dict(), strict=False)
+                if unexpected:
+                    raise ValueError(f"the LLM has weights the CVAE's decoder does not: {unexpected[:5]}")
             model.encoder.init_from_llm(llm)
             if model.latent_memory is not None:
                 model.latent_memory.init_from_llm(llm)

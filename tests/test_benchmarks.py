@@ -1,5 +1,8 @@
 """Smoke test: every benchmark script runs one tiny iteration end to end (nothing is asserted about time)."""
 
+import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +76,21 @@ def test_adapter_size_prints_every_table():
     assert "frozen duplicates" in output and "/ frozen-LLM floor" in output
     for variant in ("full fine-tune (AdamW)", "the frozen-LLM floor", "share_llm_weights=True", "share_llm_weights=False"):
         assert variant in output
+
+
+@pytest.mark.slow
+def test_quantized_decoder_compares_a_4bit_decoder_with_bf16(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    numbers = tmp_path / "numbers.json"
+    output = run(BENCHMARKS / "quantized_decoder.py", "--tiny", "--steps", "2", "--json", numbers)
+    assert "| variant | weights (MiB) | after build (MiB) | peak (MiB) |" in output
+    assert "| bf16: decoder bf16, frozen |" in output and "| 4-bit: decoder 4-bit NF4" in output
+    assert re.search(r"^4-bit / bf16 peak memory: \d+\.\d{3} \(goal at 8B: <= 0\.4\)$", output, re.MULTILINE)
+    assert re.search(r"^4-bit / bf16 step time: \d+\.\d{3}$", output, re.MULTILINE)
+    results = json.loads(numbers.read_text())["results"]
+    # the 4-bit variant really runs a quantised decoder (2 layers x 7 linears), the bf16 one none
+    assert results["4-bit"]["linear4bit_modules"] == 14 and results["bf16"]["linear4bit_modules"] == 0
+    assert results["4-bit"]["trainable"] == results["bf16"]["trainable"] > 0  # the same CVAE modules train
+    for result in results.values():
+        assert result["peak_mib"] > 0 and len(result["step_times_s"]) == 2
+        assert all(math.isfinite(loss) for loss in result["losses"])

@@ -243,6 +243,9 @@ def test_train_resumes_to_the_same_weights(trained, one_to_many, workspace, tmp_
          {"skip_connection": "skip", "decoder_mode": "full"}),
         (["--objective", "bow", "--decoder_mode", "lora", "--lora_r", "2", "--num_memory_slots", "2"],
          {"decoder_mode": "lora", "num_memory_slots": 2}),
+        # QLoRA: the LLM's linear layers in 4 bits (the saved adapter records it, and reloads the base so)
+        (["--quantization", "4bit", "--decoder_mode", "lora", "--lora_r", "2"],
+         {"decoder_mode": "lora", "base_model_quantization_config": {"load_in_4bit": True}}),
     ],
 )  # fmt: skip
 def test_train_with_other_objectives_and_architectures(one_to_many, workspace, tmp_path, flags, expected):
@@ -250,14 +253,18 @@ def test_train_with_other_objectives_and_architectures(one_to_many, workspace, t
     assert run("train", "--model_name_or_path", workspace / "llm", "--dataset", one_to_many, "--output_dir", output,
                "--group_size", 2, "--max_steps", 2, "--save_strategy", "no", *TRAIN_FLAGS, *flags) == 0
     config = json.loads((output / "config.json").read_text())
-    assert {key: config[key] for key in expected} == expected
+    assert {key: config[key] for key in expected} == {
+        key: value if not isinstance(value, dict) else {**config[key], **value} for key, value in expected.items()
+    }
     saved = weights(output)
     assert not any("bow_head" in name or "modules_to_save" in name or "base_layer" in name for name in saved)
     # around a saved LLM: an adapter (LoRA's weights unmerged in it), the whole model when the decoder trains
     lora = [name for name in saved if ".lora_" in name]
     assert bool(lora) == (expected["decoder_mode"] == "lora") and all(name.startswith("model.") for name in lora)
     assert config["saved_as"] == ("standalone" if expected["decoder_mode"] == "full" else "adapter")
-    assert type(CVAELlamaForCausalLM.from_pretrained(output)) is CVAELlamaForCausalLM
+    loaded = CVAELlamaForCausalLM.from_pretrained(output)
+    assert type(loaded) is CVAELlamaForCausalLM
+    assert getattr(loaded, "is_loaded_in_4bit", False) == ("--quantization" in flags)
 
 
 @pytest.mark.parametrize("source", ["lines", "text_column"])

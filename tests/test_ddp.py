@@ -25,6 +25,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def torchrun(script: Path, *arguments: str) -> subprocess.CompletedProcess:
+    """`script` run by `torchrun --nproc_per_node 2` (one thread each, offline, this checkout importable)."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    command = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        str(script), *arguments,
+    ]  # fmt: skip
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
 def run_arguments(output_dir: Path, objective: str, per_device_batch: int) -> list[str]:
     return [
         "--output_dir", str(output_dir),
@@ -51,19 +68,7 @@ def run_arguments(output_dir: Path, objective: str, per_device_batch: int) -> li
 @pytest.mark.parametrize("objective", ["dg", "bow"])
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path, objective):
     # 2 processes x 1 group per step (the groups' responses differ in length, so the tokens are counted globally)
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    command = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(SCRIPT), *run_arguments(tmp_path / "ddp", objective, per_device_batch=1), "--ddp_backend", "gloo",
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = torchrun(SCRIPT, *run_arguments(tmp_path / "ddp", objective, per_device_batch=1), "--ddp_backend", "gloo")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "rank 0 of 2" in result.stdout
 

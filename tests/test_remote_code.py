@@ -72,6 +72,7 @@ LOAD_AND_RUN = textwrap.dedent(
         "config_class": type(config).__module__ + "." + type(config).__name__,
         "base_class": type(base).__name__,
         "attention": model.config._attn_implementation,
+        "decoder_linear": type(model.model.layers[0].self_attn.q_proj).__name__,
         "tokenizer_decodes": tokenizer.decode(sequences[0]),
         "installed_modules": [name for name in modules if name.startswith("cvae_llama")],
     }))

@@ -1,5 +1,6 @@
 """CVAETrainer: every objective trains, logs and checkpoints; exact under gradient accumulation; resumes bitwise;
-checks its data before the first step; LoRA mode; and an end-to-end run on SmolLM2-135M (slow)."""
+checks its data before the first step; refuses FSDP where none would run; LoRA mode; and an end-to-end run on
+SmolLM2-135M (slow)."""
 
 import json
 import math
@@ -25,6 +26,7 @@ from cvae_llama.trainer import (
     free_bits_kl,
     gaussian_kl,
 )
+from cvae_llama.training.trainer import deepspeed_warning
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -382,6 +384,51 @@ def test_a_later_step_without_scored_tokens_is_an_error_not_a_nan(tokenizer, tmp
     with pytest.raises(ValueError, match="optimizer step 1"):
         trainer.train()
     assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
+
+
+# ---------------------------------------------------------------------------------------------------- FSDP, DeepSpeed
+def test_fsdp_in_one_process_is_refused_and_leaves_the_process_able_to_train(tokenizer, tmp_path, monkeypatch):
+    """transformers refuses `fsdp` without a launcher; the flag accelerate sets for the plugin is taken back, so that a
+    trainer without `fsdp` in the same process (a notebook's retry) is not read as asking for FSDP."""
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    with pytest.raises(ValueError, match="fsdp only works in distributed training"):
+        train(tokenizer, tmp_path, fsdp=True, fsdp_config={"version": 2})
+    assert "ACCELERATE_USE_FSDP" not in os.environ
+    assert not train(tokenizer, tmp_path, max_steps=1).is_fsdp_enabled
+
+
+def test_fsdp_from_the_launcher_where_accelerate_does_not_shard_is_refused(tokenizer, tmp_path, monkeypatch):
+    """`accelerate launch --use_fsdp` (its environment) where accelerate sets up no FSDP (here one CPU process):
+    refused, naming what was asked, what would run instead and the ways out, rather than trained unsharded."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ValueError) as refusal:
+        train(tokenizer, tmp_path)
+    message = str(refusal.value)
+    expected = ["accelerate launch --use_fsdp", "FSDP_VERSION=2", "one process holding the whole model"]
+    expected += ["nothing sharded", "accelerator processes", "drop fsdp", "torch.distributed.fsdp.fully_shard"]
+    for part in expected:
+        assert part in message, (part, message)
+    assert os.environ["ACCELERATE_USE_FSDP"] == "true"  # the launcher's, as it was
+
+
+@pytest.mark.parametrize("config, stage", [({"zero_optimization": {"stage": 3}}, 3), ({"bf16": {"enabled": True}}, 0)])
+def test_deepspeed_warning_names_the_zero_stage(config, stage):
+    message = deepspeed_warning(config)
+    assert f"DeepSpeed ZeRO stage {stage} is untested" in message
+    assert "FSDP2" in message and "DDP" in message
+
+
+def test_settings_the_trainer_would_drop_are_refused_or_warned(tokenizer, tmp_path, caplog):
+    """Trainer's label smoother never reaches the objective's loss: refused. A posterior encoder with nothing to
+    train (peft's k-bit preparation freezes the whole model) is warned of."""
+    with pytest.raises(ValueError, match="label_smoothing_factor=0.1 would not be applied"):
+        CVAETrainer(build_model(tokenizer), make_args(tmp_path, label_smoothing_factor=0.1),
+                    train_dataset=build_groups(), processing_class=tokenizer)  # fmt: skip
+    model = build_model(tokenizer)
+    model.requires_grad_(False)
+    CVAETrainer(model, make_args(tmp_path), train_dataset=build_groups(), processing_class=tokenizer)
+    assert "every parameter of the posterior encoder is frozen" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------- LoRA

@@ -41,6 +41,13 @@ class ModelArguments:
     attn_implementation: str | None = field(
         default=None, metadata={"help": "Attention implementation.", "choices": ["sdpa", "eager"]}
     )
+    quantization: str | None = field(
+        default=None,
+        metadata={"help": "Load the LLM's linear layers quantised by bitsandbytes, frozen (QLoRA's way): 4bit (NF4, "
+                  "double quantisation, computing in bfloat16) or 8bit. The CVAE's own layers are not quantised; "
+                  "a CVAE saved on a quantised LLM reloads it quantised without this flag.",
+                  "choices": ["4bit", "8bit"]},
+    )  # fmt: skip
 
     def load_kwargs(self) -> dict[str, Any]:
         """The `from_pretrained` keywords these flags set."""
@@ -49,7 +56,24 @@ class ModelArguments:
             kwargs["dtype"] = self.dtype if self.dtype == "auto" else getattr(torch, self.dtype)
         if self.attn_implementation is not None:
             kwargs["attn_implementation"] = self.attn_implementation
+        if self.quantization is not None:
+            from transformers import BitsAndBytesConfig
+
+            settings = dict(QUANTIZATIONS[self.quantization])
+            if self.quantization == "4bit" and isinstance(kwargs.get("dtype"), torch.dtype):
+                settings["bnb_4bit_quant_storage"] = kwargs["dtype"]  # the dtype of the rest, for FSDP
+            kwargs["quantization_config"] = BitsAndBytesConfig(**settings)
         return kwargs
+
+
+# `--quantization`: bitsandbytes' settings of peft's QLoRA recipe (NF4, double quantisation, bfloat16 compute), the
+# 4-bit weights stored in the dtype of the rest (`--dtype`, else bfloat16) so that FSDP can shard them with it (peft's
+# FSDP-QLoRA recipe)
+QUANTIZATIONS = {
+    "4bit": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                 bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16),
+    "8bit": dict(load_in_8bit=True),
+}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- CVAE flags

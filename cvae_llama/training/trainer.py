@@ -13,13 +13,14 @@ step's number of groups. So 2 micro-batches of 1 group give the gradient of 1 ba
 `torchrun --nproc_per_node 2` that of one process with the same global batch.
 """
 
+import os
 from collections.abc import Iterator
 from itertools import islice
 
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from ..data.collator import OneToManyCollator
@@ -47,6 +48,42 @@ logger = logging.get_logger(__name__)
 LOGGED_TERMS = ("reconstruction_loss", "nll_per_token", "kl", "dg", "beta", "mutual_info", "active_units")
 # How many of the latest training posterior means `posterior_mean_spread` and the collapse warning look at.
 RECENT_MEANS = 256
+
+
+def requested_fsdp(args: TrainingArguments) -> str | None:
+    """The FSDP that `args` or the launcher ask for, as a user would name it, or `None`.
+
+    Read before the `Trainer` builds its `Accelerator`, which sets `ACCELERATE_USE_FSDP` itself when given a plugin.
+    transformers 5.25 hands accelerate an FSDP plugin exactly when `args.fsdp_plugin_args` is not None
+    (`TrainingArguments._process_fsdp_args`: `fsdp` set, torch_xla's FSDP aside;
+    `Trainer.create_accelerator_and_postprocess`), and accelerate 1.16 builds one from the environment when
+    `ACCELERATE_USE_FSDP` is true (`accelerate launch --use_fsdp`, an accelerate config with FSDP: `Accelerator`).
+    """
+    if args.fsdp_plugin_args is not None:
+        return f"fsdp={args.fsdp!r} with fsdp_config['version']={args.fsdp_plugin_args['fsdp_version']}"
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        version = os.environ.get("FSDP_VERSION", "1")  # accelerate's default
+        return f"accelerate launch --use_fsdp (ACCELERATE_USE_FSDP=true, FSDP_VERSION={version})"
+    return None
+
+
+def restore_environment(name: str, value: str | None) -> None:
+    """Set the environment variable `name` back to `value` (`None`: unset)."""
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def deepspeed_warning(deepspeed_config: dict) -> str:
+    """What `CVAETrainer` warns under DeepSpeed, with the ZeRO stage of `deepspeed_config` (DeepSpeed's JSON as a
+    dict; stage 0, DeepSpeed's default, when it names none)."""
+    stage = deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+    return (
+        f"DeepSpeed ZeRO stage {stage} is untested with CVAETrainer and this model: CVAETrainer is tested in one "
+        "process and with DDP (torchrun), the model with FSDP2 (torch's fully_shard, by hand); check the first steps' "
+        "loss terms and a save / reload before a long run"
+    )
 
 
 class LatentGradientCheck(TrainerCallback):
@@ -96,7 +133,9 @@ class CVAETrainer(Trainer):
 
     Multi-GPU, FSDP and DeepSpeed: launch as any `Trainer` script (`torchrun`, `accelerate launch`); the step's
     totals are gathered across processes (`average_tokens_across_devices`, on by default). One process driving
-    several GPUs (torch `DataParallel`) is refused.
+    several GPUs (torch `DataParallel`) is refused, and so is FSDP (`fsdp`, `accelerate launch --use_fsdp`) where
+    accelerate would not shard (CPU processes, which it trains as DDP replicas); DeepSpeed runs with a warning that it
+    is untested.
 
     One text per device batch (`per_device_train_batch_size=1` on text data) with `gradient_accumulation_steps` > 1:
     the posterior batch norm would see one row; the trainer encodes the step's micro-batches together instead
@@ -178,20 +217,23 @@ class CVAETrainer(Trainer):
                     "OneToManyCollator"
                 )
             data_collator = OneToManyCollator(processing_class, args.max_prompt_tokens, args.max_response_tokens)
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            **kwargs,
-        )
-        if self.args.n_gpu > 1:
-            raise ValueError(
-                f"CVAETrainer does not support torch DataParallel (n_gpu={self.args.n_gpu} in one process); launch "
-                "one process per GPU with torchrun or accelerate launch"
+        fsdp_request, launcher_fsdp = requested_fsdp(args), os.environ.get("ACCELERATE_USE_FSDP")
+        try:
+            super().__init__(
+                model=model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                **kwargs,
             )
+        finally:
+            # the Accelerator sets ACCELERATE_USE_FSDP for a plugin, and it stays set where no FSDP runs (the plugin
+            # dropped, or Trainer refusing FSDP in one process): later trainers of this process would read FSDP asked
+            if not getattr(self, "is_fsdp_enabled", False):
+                restore_environment("ACCELERATE_USE_FSDP", launcher_fsdp)
+        self._check_settings(fsdp_request)
         self._step_counts: torch.Tensor | None = None  # (scored tokens, responses, groups, units) of the step
         self._step_posterior: StepPosterior | None = None  # the step's posterior, when encoded in one pass
         self._term_sums: dict[str, torch.Tensor] = {}
@@ -204,6 +246,51 @@ class CVAETrainer(Trainer):
         self.dg_grouping = resolve_dg_grouping(self.args, train_dataset, self.data_collator)
         if train_dataset is not None:
             validate_train_dataset(self.args, train_dataset, self.data_collator, self.dg_grouping)
+
+    def _check_settings(self, fsdp_request: str | None) -> None:
+        """Refuse (or warn of) the settings that `Trainer` and accelerate would run otherwise than asked with this
+        model: FSDP where accelerate set up none, DeepSpeed (untested), `DataParallel`, the label smoother, a posterior
+        encoder with nothing to train."""
+        if fsdp_request is not None and not self.is_fsdp_enabled:
+            self._refuse_fsdp_fallback(fsdp_request)
+        if self.is_deepspeed_enabled:
+            logger.warning(deepspeed_warning(self.accelerator.state.deepspeed_plugin.deepspeed_config))
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                f"CVAETrainer does not support torch DataParallel (n_gpu={self.args.n_gpu} in one process); launch "
+                "one process per GPU with torchrun or accelerate launch"
+            )
+        if self.args.label_smoothing_factor:  # Trainer's label smoother: the objective's loss has no place for it
+            raise ValueError(
+                f"label_smoothing_factor={self.args.label_smoothing_factor} would not be applied: CVAETrainer's loss "
+                "is its objective's (the responses' NLL given z, and the regulariser), not Trainer's smoothed cross "
+                "entropy; leave it at 0"
+            )
+        if not any(p.requires_grad for p in unwrap_cvae(self.model).encoder.parameters()):
+            logger.warning(
+                "every parameter of the posterior encoder is frozen: the latent will not learn (peft's "
+                "prepare_model_for_kbit_training freezes the whole model: call model.apply_decoder_mode(), or "
+                "apply_lora, after it)"
+            )
+
+    def _refuse_fsdp_fallback(self, fsdp_request: str) -> None:
+        """Raise `ValueError`: FSDP was asked for but accelerate set up none, and DDP would train unsharded replicas
+        without a word. accelerate 1.16 keeps the FSDP plugin only for accelerator processes (`AcceleratorState`:
+        distributed types MULTI_GPU, MULTI_XPU, MULTI_NPU, ...); CPU processes (MULTI_CPU) get DDP."""
+        world_size = self.args.world_size
+        instead = (
+            f"{world_size} DistributedDataParallel replicas of the whole model"
+            if world_size > 1
+            else "one process holding the whole model"
+        )
+        raise ValueError(
+            f"{fsdp_request} asks for FSDP, but accelerate set up none (distributed type "
+            f"{self.accelerator.distributed_type.value}): the run would train {instead}, nothing sharded. accelerate "
+            "shards only across accelerator processes that a launcher started (torchrun, accelerate launch on GPU, "
+            "XPU, NPU, ...), not CPU processes (use_cpu, gloo) nor one process without a launcher. Launch on "
+            "accelerators; on CPU, drop fsdp to train with DDP, or shard the model yourself with "
+            "torch.distributed.fsdp.fully_shard and train it in your own loop"
+        )
 
     def create_optimizer(self, model=None):
         """The `Trainer`'s optimizer, with the LLM's copied weights in parameter groups of their own at
