@@ -38,6 +38,8 @@ _LAZY = {
         "CVAETrainingArguments",
         "DG_GROUPINGS",
         "LOGGED_TERMS",
+        "LatentDPOConfig",
+        "LatentDPOTrainer",
         "OBJECTIVES",
         "RECONSTRUCTION_REDUCTIONS",
         "active_units",
@@ -56,8 +58,10 @@ _LAZY = {
         "trl_loss_func",
     )
 }
+_LAZY.update({name: "latent_prior" for name in ("load_latent_prior", "save_latent_prior")})
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported here
+    from .latent_prior import load_latent_prior, save_latent_prior  # noqa: F401
     from .trainer import (  # noqa: F401
         DG_GROUPINGS,
         LOGGED_TERMS,
@@ -66,6 +70,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported here
         CVAEBagOfWordsHead,
         CVAETrainer,
         CVAETrainingArguments,
+        LatentDPOConfig,
+        LatentDPOTrainer,
         active_units,
         apply_lora,
         attach_bow_head,

@@ -30,6 +30,7 @@ CVAE_FIELDS = (
     "memory_attention",
     "memory_gate_scale",
     "share_llm_weights",
+    "learned_prior",
 )
 # The allowed values of the CVAE fields that take a name (checked by `validate_cvae`; the command line's choices).
 CVAE_FIELD_CHOICES = {
@@ -55,6 +56,7 @@ CVAE_FIELDS_ADDED_LATER = {
     "memory_attention": "joint",
     "memory_gate_scale": 1.0,
     "share_llm_weights": False,
+    "learned_prior": False,
 }
 
 
@@ -134,6 +136,12 @@ class CVAELlamaConfig(LlamaConfig):
             LLM's values (`False`: 0.79 B more parameters on Llama-3-8B, one embedding and two projections per layer).
             Shared, they follow the decoder where it trains (`decoder_mode="full"`, or LoRA on `k_proj` / `v_proj`).
             Folders saved before this field existed load with `False`, the copies their weights hold.
+        learned_prior (`bool`, defaults to `False`):
+            Whether the model has a learned prior p(z | x) (`latent_prior`): the posterior encoder's network reading
+            the prompt x alone (BOS for unconditional text), without its batch norm, trained by latent DPO
+            (`LatentDPOTrainer`) with the CVAE frozen. A fresh one is exactly N(0, I) (zero-initialised read-out). With
+            it, `generate()` without `latent` samples z from it and `forward()` without `latent` uses its mean;
+            without it, N(0, I) and z = 0. `add_learned_prior()` adds one to a trained CVAE.
 
     Example:
 
@@ -164,6 +172,7 @@ class CVAELlamaConfig(LlamaConfig):
     memory_attention: str = "gated"
     memory_gate_scale: float = 100.0
     share_llm_weights: bool = True
+    learned_prior: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -192,7 +201,7 @@ class CVAELlamaConfig(LlamaConfig):
         scale = self.memory_gate_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"`memory_gate_scale` must be a finite positive number, got {scale!r}")
-        for name in ("posterior_batch_norm", "share_llm_weights"):
+        for name in ("posterior_batch_norm", "share_llm_weights", "learned_prior"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
         for name, allowed in CVAE_FIELD_CHOICES.items():

@@ -286,7 +286,7 @@ class CVAELlamaPosteriorEncoder(nn.Module):
     the means, `config.posterior_batch_norm`, maps equal means to 0).
     """
 
-    def __init__(self, config: CVAELlamaConfig):
+    def __init__(self, config: CVAELlamaConfig, batch_norm: bool | None = None):
         super().__init__()
         self.config = config
         # a copy of the LLM's embedding in folders saved before `share_llm_weights`
@@ -308,10 +308,10 @@ class CVAELlamaPosteriorEncoder(nn.Module):
         self.to_latent_mean_logvar = nn.Sequential(
             nn.Linear(config.hidden_size, config.hidden_size), nn.SiLU(), ZeroInitLinear(config.hidden_size, share)
         )
+        # (`batch_norm=False`: the learned prior's network, whose means are not normalised)
+        batch_norm = config.posterior_batch_norm if batch_norm is None else batch_norm
         self.mean_norm = (
-            CVAELlamaPosteriorNorm(config.latent_size, config.posterior_norm_statistics)
-            if config.posterior_batch_norm
-            else None
+            CVAELlamaPosteriorNorm(config.latent_size, config.posterior_norm_statistics) if batch_norm else None
         )
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
@@ -1274,6 +1274,8 @@ class CVAELlamaModel(CVAELlamaPreTrainedModel):
         else:
             self.lm_head = None
         self.encoder = CVAELlamaPosteriorEncoder(config)
+        # p(z | x): the posterior's network reading the prompt alone (`config.learned_prior`; else N(0, I))
+        self.latent_prior = CVAELlamaPosteriorEncoder(config, batch_norm=False) if config.learned_prior else None
         self.latent_memory = CVAELlamaLatentMemory(config) if config.uses_memory else None
         if self.latent_memory is not None:
             self.latent_memory.attach(self.model)
@@ -1306,13 +1308,40 @@ class CVAELlamaModel(CVAELlamaPreTrainedModel):
     def encode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
         """Posterior q(z | x, y) of the token sequence `x + y`: `(latent_mean, latent_logvar)`, each
         `(batch, latent_size)`."""
+        return self._run_encoder(self.encoder, input_ids, attention_mask)
+
+    def prior(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
+        """The learned prior p(z | x) of the prompt `x` (`config.learned_prior`): `(latent_mean, latent_logvar)`,
+        each `(batch, latent_size)`; N(0, I) for a model without one."""
+        if self.latent_prior is None:
+            zeros = torch.zeros(input_ids.shape[0], self.config.latent_size, device=self.device, dtype=self.dtype)
+            return zeros, zeros.clone()
+        return self._run_encoder(self.latent_prior, input_ids, attention_mask)
+
+    def _run_encoder(self, encoder: CVAELlamaPosteriorEncoder, input_ids, attention_mask):
         self._check_input_ids(input_ids)
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}"
             )
-        shared = self.encoder.embed_tokens is None  # the decoder's own embedding (`config.share_llm_weights`)
-        return self.encoder(input_ids, attention_mask, self.model.embed_tokens(input_ids) if shared else None)
+        shared = encoder.embed_tokens is None  # the decoder's own embedding (`config.share_llm_weights`)
+        return encoder(input_ids, attention_mask, self.model.embed_tokens(input_ids) if shared else None)
+
+    @torch.no_grad()
+    def add_learned_prior(self):
+        """Give the model a learned prior p(z | x) (`config.learned_prior`): a copy of the posterior encoder's network
+        (its batch norm aside) with the last layer of its read-out zeroed, so that it is exactly N(0, I) and the
+        model generates as before, until latent DPO trains it. Returns the model."""
+        if self.latent_prior is not None:
+            raise ValueError("the model has a learned prior already (config.learned_prior=True)")
+        prior = CVAELlamaPosteriorEncoder(self.config, batch_norm=False).to(device=self.device, dtype=self.dtype)
+        prior.load_state_dict({name: value for name, value in self.encoder.state_dict().items()
+                               if not name.startswith("mean_norm.")})  # fmt: skip
+        init.zeros_(prior.to_latent_mean_logvar[-1].weight)
+        init.zeros_(prior.to_latent_mean_logvar[-1].bias)
+        self.latent_prior = prior
+        self.config.learned_prior = True
+        return self
 
     def _check_posterior(self, latent_mean, latent_logvar, latent, batch_size: int) -> None:
         """Raise `ValueError` for a `latent_mean` / `latent_logvar` pair that `forward` cannot use as the posterior."""
@@ -1369,8 +1398,11 @@ class CVAELlamaModel(CVAELlamaPreTrainedModel):
                     f"model's (and that labels, with their -100, are not passed as {name})"
                 )
 
-    def sample_prior(self, batch_size: int, temperature: float = 1.0, generator: torch.Generator | None = None):
-        """`(batch_size, latent_size)` samples of N(0, temperature^2 I)."""
+    def sample_prior(self, batch_size: int, temperature: float = 1.0, generator: torch.Generator | None = None,
+                     input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None):  # fmt: skip
+        """`(batch_size, latent_size)` samples of the prior at `temperature`: N(0, temperature^2 I), or with a learned
+        prior (`config.learned_prior`) mu + temperature * sigma * eps of p(z | x) for the prompts `input_ids` (BOS
+        where none are given), `batch_size / len(input_ids)` samples per prompt."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
@@ -1378,7 +1410,15 @@ class CVAELlamaModel(CVAELlamaPreTrainedModel):
         noise = torch.randn(
             batch_size, self.config.latent_size, generator=generator, device=self.device, dtype=torch.float32
         )
-        return (temperature * noise).to(self.dtype)
+        if self.latent_prior is None:
+            return (temperature * noise).to(self.dtype)
+        if input_ids is None:
+            input_ids = torch.full((1, 1), self.config.bos_token_id or 0, dtype=torch.long, device=self.device)
+        if batch_size % input_ids.shape[0] != 0:
+            raise ValueError(f"batch_size={batch_size} is not a multiple of the {input_ids.shape[0]} prompts")
+        mean, logvar = (part.float().repeat_interleave(batch_size // input_ids.shape[0], dim=0)
+                        for part in self.prior(input_ids, attention_mask))  # fmt: skip
+        return (mean + temperature * (0.5 * logvar).exp() * noise).to(self.dtype)
 
     def _check_latent(self, latent, batch_size: int | None = None, name: str = "latent") -> torch.Tensor:
         """Validate a user latent: a finite floating-point `(batch, latent_size)`, `(1, latent_size)` or
@@ -1421,7 +1461,9 @@ class CVAELlamaModel(CVAELlamaPreTrainedModel):
         else:
             if posterior_input_ids is None and (encode_input_ids or self.training) and input_ids is not None:
                 posterior_input_ids, posterior_attention_mask = input_ids, attention_mask
-            if posterior_input_ids is None:  # the prior's mean
+            if posterior_input_ids is None:  # the prior's mean: p(z | x) of the inputs where learned, else 0
+                if self.latent_prior is not None and input_ids is not None:
+                    return self.prior(input_ids, attention_mask)[0], None, None
                 return (
                     torch.zeros(batch_size, self.config.latent_size, device=self.device, dtype=self.dtype),
                     None,
@@ -1583,11 +1625,12 @@ class CVAELlamaForCausalLM(CVAELlamaModel, GenerationMixin):
                 The latent to condition on. When it is not given, the model uses **the posterior** of
                 `posterior_input_ids` (or, when `labels` are given or the model is in training mode, of
                 `input_ids` itself): in training mode one reparameterised sample of it, in eval mode its mean.
-                Without a posterior it uses **the prior's mean, z = 0**. So in eval mode `forward` is deterministic,
-                as for any transformers model (scoring a text gives the same logits and loss every time), and a
-                latent is drawn at random only in training and by `generate` (one prior sample per returned
-                sequence, see [`~CVAELlamaForCausalLM.generate`]). Loss is `reconstruction_loss + kl_loss` when the
-                posterior was used.
+                Without a posterior it uses **the prior's mean**: z = 0, or with a learned prior
+                (`config.learned_prior`) the mean of p(z | x) with `input_ids` as x. So in eval mode `forward` is
+                deterministic, as for any transformers model (scoring a text gives the same logits and loss every
+                time), and a latent is drawn at random only in training and by `generate` (one prior sample per
+                returned sequence, see [`~CVAELlamaForCausalLM.generate`]). Loss is `reconstruction_loss + kl_loss`
+                when the posterior was used.
             posterior_input_ids, posterior_attention_mask (`(batch, posterior_length)`, *optional*):
                 The sequence the posterior encodes, when it differs from `input_ids`.
             latent_memory (`torch.FloatTensor` of shape `(batch, num_hidden_layers, num_memory_slots, hidden_size)`,
@@ -1706,7 +1749,8 @@ class CVAELlamaForCausalLM(CVAELlamaModel, GenerationMixin):
             batch_size = latent.shape[0]
         rows = batch_size * num_return_sequences if num_beams == 1 else batch_size
         if latent is None:
-            return self.sample_prior(rows, temperature=latent_temperature)
+            return self.sample_prior(rows, temperature=latent_temperature, input_ids=prompt,
+                                     attention_mask=kwargs.get("attention_mask"))  # fmt: skip
         if latent.shape[0] == batch_size and rows != batch_size:
             latent = latent.repeat_interleave(num_return_sequences, dim=0)
         elif num_beams > 1 and num_return_sequences > 1 and latent.shape[0] == batch_size * num_return_sequences:

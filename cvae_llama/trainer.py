@@ -10,6 +10,7 @@ from .latent_statistics import active_units, density_gap, mutual_information
 from .modeling_cvae_llama import gaussian_kl
 from .training.arguments import DG_GROUPINGS, RECONSTRUCTION_REDUCTIONS, CVAETrainingArguments
 from .training.checkpoints import check_checkpoint
+from .training.latent_dpo import LatentDPOConfig, LatentDPOTrainer
 from .training.lora import apply_lora, cvae_modules_to_save, pretrained_parameter_names
 from .training.objectives import (
     OBJECTIVES,
@@ -30,6 +31,8 @@ __all__ = [
     "CVAEBagOfWordsHead",
     "CVAETrainer",
     "CVAETrainingArguments",
+    "LatentDPOConfig",
+    "LatentDPOTrainer",
     "DG_GROUPINGS",
     "RECONSTRUCTION_REDUCTIONS",
     "LOGGED_TERMS",
