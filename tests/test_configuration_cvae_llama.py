@@ -23,6 +23,7 @@ NON_DEFAULT_FIELDS = dict(
     memory_attention="joint",
     memory_gate_scale=10.0,
     share_llm_weights=False,
+    learned_prior=True,
 )
 
 
@@ -52,6 +53,7 @@ def test_paper_defaults():
         memory_attention="gated",
         memory_gate_scale=100.0,
         share_llm_weights=True,
+        learned_prior=False,
     )
 
 
