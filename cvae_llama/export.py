@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from .loading import load_cvae, looks_like_hub_id
-from .modeling_cvae_llama import DECODER_ARCHITECTURES
+from .modeling_cvae_llama import DECODER_ARCHITECTURES, describe_quantization
 from .validation import refuse_to_overwrite
 
 
@@ -247,6 +247,12 @@ def model_card(model, *, record: dict, results: dict | None, base_model: str | N
             else "in one softmax with the text's keys"
         ),
         decoder_mode=config.decoder_mode,
+        learned_prior=config.learned_prior,
+        base_quantization=(
+            describe_quantization(config.base_model_quantization_config)
+            if getattr(config, "base_model_quantization_config", None)
+            else None
+        ),
         base_model_type=config.base_model_type,
         base_architecture=base_class.removesuffix("ForCausalLM"),
         base_model_class=base_class,

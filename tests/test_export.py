@@ -14,6 +14,7 @@ from cvae_llama.data import unconditional_rows
 from cvae_llama.export import (
     TRAINING_RECORD,
     export_hub_folder,
+    model_card,
     read_training_record,
     save_trained_cvae,
     training_record,
@@ -110,3 +111,19 @@ def test_export_hub_folder_without_the_command_line(tmp_path):
 
         LlamaForCausalLM(tiny_llama_config()).save_pretrained(llm)
         export_hub_folder(llm, tmp_path / "hub2")
+
+
+@pytest.mark.parametrize("prior_and_quantization", [False, True])
+def test_the_card_says_which_prior_generate_samples_and_how_the_base_loads(prior_and_quantization):
+    model = build_model(build_tokenizer())
+    if prior_and_quantization:
+        model.add_learned_prior()
+        model.config.base_model_quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                                       "bnb_4bit_quant_type": "nf4"}  # fmt: skip
+    card = str(model_card(model, record={}, results=None, base_model="org/base-lm", repo_id="you/cvae",
+                          model_name="cvae", license="apache-2.0", tags=[], training_data=None, adapter=True))  # fmt: skip
+    assert ("draws z from it for the prompt" in card) == prior_and_quantization
+    assert ("draws a fresh prior sample z ~ N(0, I)" in card) != prior_and_quantization
+    assert ("The base loads quantised as the CVAE was trained on it (bitsandbytes 4-bit (nf4)" in card) == (
+        prior_and_quantization
+    )
