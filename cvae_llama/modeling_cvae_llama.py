@@ -895,11 +895,16 @@ class CVAELlamaPreTrainedModel(PreTrainedModel):
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """The model's parameters by component: `encoder`, `latent_memory`, `skip` (the skip connection, the
         embedding injection and any module attached to the model later, such as the trainer's bag-of-words head),
-        `decoder` (the LLM: `model` and `lm_head`; tied weights counted once)."""
+        `decoder` (the LLM: `model` and `lm_head`; tied weights counted once), and `latent_prior` where the model has
+        a learned prior."""
         groups = {"encoder": [], "latent_memory": [], "skip": [], "decoder": []}
+        if self.latent_prior is not None:
+            groups["latent_prior"] = []
         for name, parameter in self.named_parameters():
             if name.startswith("encoder."):
                 groups["encoder"].append((name, parameter))
+            elif name.startswith("latent_prior."):
+                groups["latent_prior"].append((name, parameter))
             elif name.startswith("latent_memory."):
                 groups["latent_memory"].append((name, parameter))
             elif name.startswith(DECODER_PREFIXES):

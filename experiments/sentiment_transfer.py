@@ -54,13 +54,14 @@ def read(label: int) -> list[str]:
 
 
 class BagOfWords:
-    """A logistic regression over word counts (the `vocabulary` most frequent words of its training sentences)."""
+    """A logistic regression over word counts (the `vocabulary` most frequent words of its training sentences), labels
+    0 to max(labels)."""
 
     def __init__(self, texts: list[str], labels: list[int], vocabulary: int = 3000):
         counts = Counter(word for text in texts for word in text.lower().split())
         self.index = {word: i for i, (word, _) in enumerate(counts.most_common(vocabulary))}
         features, targets = self.features(texts), torch.tensor(labels)
-        self.model, self.mean, self.std, _ = fit_logistic_regression(features, targets, slice(None), 2)
+        self.model, self.mean, self.std, _ = fit_logistic_regression(features, targets, slice(None), max(labels) + 1)
 
     def features(self, texts: list[str]) -> torch.Tensor:
         rows = torch.zeros(len(texts), len(self.index))
@@ -70,9 +71,12 @@ class BagOfWords:
                     rows[row, self.index[word]] += 1
         return rows
 
-    def predict(self, texts: list[str]) -> torch.Tensor:
+    def probabilities(self, texts: list[str]) -> torch.Tensor:
         with torch.no_grad():
-            return self.model((self.features(texts) - self.mean) / self.std).argmax(-1)
+            return self.model((self.features(texts) - self.mean) / self.std).softmax(-1)
+
+    def predict(self, texts: list[str]) -> torch.Tensor:
+        return self.probabilities(texts).argmax(-1)
 
 
 def main() -> None:

@@ -261,3 +261,141 @@ def test_a_prior_for_another_cvae_or_a_wrong_folder_is_refused(tmp_path):
         load_latent_prior(trained_model(), tmp_path)
     with pytest.raises(ValueError, match="has no learned prior to save"):
         save_latent_prior(trained_model(), tmp_path / "none")
+
+
+# -------------------------------------------------------------------------------- online preferences, reward functions
+def test_rewarded_latents_are_the_best_and_worst_of_each_prompt_and_ties_are_left_out():
+    from cvae_llama.training.latent_dpo import latent_preferences_from_rewards
+
+    latents = torch.arange(2 * 8 * 3, dtype=torch.float32).view(2, 8, 3)
+    rewards = torch.tensor([[0.0, 5, 1, 7, 2, 6, 3, 4], [1.0, 1, 1, 1, 1, 1, 1, 2]])
+    chosen, rejected, mask = latent_preferences_from_rewards(latents, rewards, fraction=0.25)
+    assert torch.equal(chosen[0], latents[0, [3, 5]]) and torch.equal(rejected[0], latents[0, [0, 2]])
+    assert torch.equal(chosen[1, 0], latents[1, 7])
+    assert mask.tolist() == [[True, True], [True, False]]  # the second prompt's second pair ties
+
+
+def test_the_masked_loss_is_the_loss_of_the_pairs_kept():
+    generator = torch.Generator().manual_seed(0)
+    mean, logvar = torch.randn(2, 3, generator=generator), torch.randn(2, 3, generator=generator) * 0.1
+    chosen, rejected = torch.randn(2, 4, 3, generator=generator), torch.randn(2, 4, 3, generator=generator)
+    mask = torch.tensor([[True, False, True, True], [False, False, True, False]])
+    kept = [(row, column) for row in range(2) for column in range(4) if mask[row, column]]
+    reference = torch.stack([
+        latent_dpo_loss(mean[row : row + 1], logvar[row : row + 1], chosen[row : row + 1, column : column + 1],
+                        rejected[row : row + 1, column : column + 1])[0] for row, column in kept
+    ]).mean()  # fmt: skip
+    assert latent_dpo_loss(mean, logvar, chosen, rejected, mask=mask)[0].item() == pytest.approx(reference.item())
+    mean.requires_grad_(True)
+    none_kept = latent_dpo_loss(mean, logvar, chosen, rejected, mask=torch.zeros(2, 4, dtype=torch.bool))[0]
+    assert none_kept.item() == 0.0 and none_kept.requires_grad
+
+
+def prompts_with(count: int = 4) -> Dataset:
+    return Dataset.from_dict({"prompt": ["w5 w6", "w7", "", "w9 w10"][:count], "goal": [40, 50, 60, 70][:count]})
+
+
+def test_reward_functions_see_each_prompts_decodings_and_columns_and_train_the_prior_alone(tmp_path):
+    model = trained_model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    calls = []
+
+    def first_token(prompts, completions, completion_ids, goal, **kwargs):
+        calls.append((prompts, completions, completion_ids, goal))
+        return [float(ids[0]) if ids else 0.0 for ids in completion_ids]
+
+    def length(prompts, completions, **kwargs):
+        return [len(text.split()) for text in completions]
+
+    args = dpo_config(tmp_path, num_generations=4, max_completion_length=3, reward_weights=[1.0, 0.5])
+    trainer = LatentDPOTrainer(model, args, train_dataset=prompts_with(), processing_class=tiny_tokenizer(),
+                               reward_funcs=[first_token, length])  # fmt: skip
+    trainer.train()
+    prompts, completions, completion_ids, goal = calls[0]
+    assert len(prompts) == len(completions) == len(completion_ids) == len(goal) == 2 * 4  # 2 prompts a step
+    assert prompts[:4] == [prompts[0]] * 4 and goal[:4] == [goal[0]] * 4 and goal[0] in (40, 50, 60, 70)
+    assert all(1 <= len(ids) <= 3 for ids in completion_ids)
+    assert completions == tiny_tokenizer().batch_decode(completion_ids, skip_special_tokens=True)
+    after = model.state_dict()
+    moved = sorted(name for name in after if name not in before or not torch.equal(before[name], after[name]))
+    assert moved and all(name.startswith("latent_prior.") for name in moved)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    for key in ("reward", "reward_std", "rewards/first_token/mean", "rewards/length/mean", "rewards/margins"):
+        assert all(math.isfinite(entry[key]) for entry in logged), key
+
+
+def test_reward_functions_raise_the_reward_of_the_priors_samples(tmp_path):
+    model = trained_model()
+    tokenizer = tiny_tokenizer()
+
+    def first_token(completion_ids, **kwargs):
+        return [float(ids[0]) if ids else 0.0 for ids in completion_ids]
+
+    def mean_reward() -> float:  # of 64 decodings of the prior's samples after one prompt
+        torch.manual_seed(1)
+        prompt = tokenizer(["w5 w6"], return_tensors="pt")
+        output = model.generate(**prompt, num_return_sequences=64, max_new_tokens=1, do_sample=False)
+        return output[:, -1].float().mean().item()
+
+    model.add_learned_prior()
+    start = mean_reward()
+    args = dpo_config(tmp_path, num_generations=8, max_completion_length=1, max_steps=20, learning_rate=3e-2)
+    LatentDPOTrainer(model, args, train_dataset=prompts_with(1), processing_class=tokenizer,
+                     reward_funcs=first_token).train()  # fmt: skip
+    model.eval()
+    assert start < 95 and mean_reward() > 97  # the vocabulary's top ids are 98
+
+
+@pytest.mark.parametrize(
+    "reward_funcs, weights, dataset, match",
+    [
+        ("a-reward-model", None, prompts_with(), "reward_funcs must be callables"),
+        ([], None, prompts_with(), "reward_funcs is empty"),
+        (len, [1.0, 2.0], prompts_with(), "reward_weights has 2 weights for 1 reward functions"),
+        (len, None, preference_pairs().remove_columns("prompt"), r"lacks the column\(s\) \['prompt'\]"),
+        (len, None, prompts_with(0), "train_dataset is empty"),
+    ],
+)  # fmt: skip
+def test_bad_reward_functions_are_refused_naming_them(tmp_path, reward_funcs, weights, dataset, match):
+    with pytest.raises(ValueError, match=match):
+        LatentDPOTrainer(trained_model(), dpo_config(tmp_path, reward_weights=weights), train_dataset=dataset,
+                         processing_class=tiny_tokenizer(), reward_funcs=reward_funcs)  # fmt: skip
+
+
+@pytest.mark.parametrize("returned, match", [
+    (lambda count: [0.0] * (count - 1), "expected 8 finite numbers"),
+    (lambda count: [float("nan")] * count, "expected 8 finite numbers"),
+    (lambda count: ["good"] * count, "expected 8 numbers"),
+])  # fmt: skip
+def test_a_reward_function_that_returns_bad_values_is_named(tmp_path, returned, match):
+    def scorer(completions, **kwargs):
+        return returned(len(completions))
+
+    args = dpo_config(tmp_path, num_generations=4, max_completion_length=2)
+    trainer = LatentDPOTrainer(trained_model(), args, train_dataset=prompts_with(), processing_class=tiny_tokenizer(),
+                               reward_funcs=scorer)  # fmt: skip
+    with pytest.raises(ValueError, match=f"the reward function scorer returned .*{match}"):
+        trainer.train()
+
+
+def test_bad_reward_settings_are_refused_naming_them(tmp_path):
+    with pytest.raises(ValueError, match="num_generations must be an integer of at least 2"):
+        dpo_config(tmp_path, num_generations=1)
+    with pytest.raises(ValueError, match="reward_weights must be finite numbers"):
+        dpo_config(tmp_path, reward_weights=[float("inf")])
+
+
+def test_the_prior_is_its_own_component_and_lora_mode_keeps_it():
+    from cvae_llama.training.lora import apply_lora, cvae_modules_to_save, lora_adapter_model
+
+    model = moved_prior(trained_model().add_learned_prior())
+    prior = {name: tensor.clone() for name, tensor in model.latent_prior.state_dict().items()}
+    breakdown = model.parameter_breakdown()
+    assert breakdown["latent_prior"]["trainable"] == sum(p.numel() for p in model.latent_prior.parameters())
+    assert breakdown["skip"]["trainable"] == sum(p.numel() for p in model.latent_skip.parameters())
+    assert "latent_prior" not in trained_model().parameter_breakdown()
+    assert "latent_prior" in cvae_modules_to_save(model) and "latent_prior" not in cvae_modules_to_save(trained_model())
+    peft_model = apply_lora(model, r=2)
+    assert any("latent_prior" in name and parameter.requires_grad for name, parameter in peft_model.named_parameters())
+    unwrapped = lora_adapter_model(peft_model)
+    assert all(torch.equal(unwrapped.latent_prior.state_dict()[name], tensor) for name, tensor in prior.items())

@@ -50,15 +50,16 @@ def cvae_parameter_names(model) -> dict[str, str]:
 def cvae_modules_to_save(model: CVAELlamaForCausalLM) -> list[str]:
     """The CVAE's own modules that LoRA mode trains fully (and saves with the adapter): the posterior encoder (its
     embedding copy stays frozen), each memory layer's MLP and norm (its key/value copies stay frozen), the
-    embedding injection, the skip connection and the bag-of-words head, those the model has. A gated memory layer
-    is trained whole: its gates are parameters of the layer itself, which peft trains only inside a module it wraps
-    (a layer of the joint memory keeps the two modules it was wrapped as before, so that its checkpoints resume)."""
+    embedding injection, the skip connection, the bag-of-words head and the learned prior, those the model has. A
+    gated memory layer is trained whole: its gates are parameters of the layer itself, which peft trains only inside
+    a module it wraps (a layer of the joint memory keeps the two modules it was wrapped as before, so that its
+    checkpoints resume)."""
     names = ["encoder"]
     if model.latent_memory is not None:
         for index, layer in enumerate(model.latent_memory.layers):
             prefix = f"latent_memory.layers.{index}"
             names += [prefix] if layer.gate is not None else [f"{prefix}.to_states", f"{prefix}.norm"]
-    for name in ("latent_to_embedding", "latent_skip", "bow_head"):
+    for name in ("latent_to_embedding", "latent_skip", "bow_head", "latent_prior"):
         if getattr(model, name, None) is not None:
             names.append(name)
     return names
