@@ -2,13 +2,15 @@
 
 A CVAE around SmolLM2-135M-Instruct gets a learned prior p(z | x) trained by `LatentDPOTrainer` on preference pairs
 (`--method latent`), or online with the classifier that labels the pairs as its reward function (`--method online`:
-the probability of the target label of each decoding of the prior's latents, no pairs); the same pairs train trl's `DPOTrainer` with a LoRA adapter on the base LLM (`--method lora`), or
-give a latent-arithmetic direction (`--method arithmetic`: the chosen responses' mean posterior mean minus the
-rejected ones', added at each `--strengths` k to z ~ N(0, I)). Before and after, one text is generated per held-out
-prompt (the CVAE: z from its prior or shifted, then greedy decoding given z, so that what varies is z; the LLM:
-T 1.0, top-p 0.95) and scored: the rate of the target label by a bag-of-words logistic regression fitted on other
-texts than the pairs' (and than those of the classifier that labels the pairs), Distinct-2 over the texts, and the
-base LLM's perplexity of them after their prompts. Rows are appended to `<output_dir>/results.jsonl` as they come.
+the probability of the target label of each decoding of the prior's latents, no pairs). The same pairs train trl's
+`DPOTrainer` with a LoRA adapter on the base LLM (`--method lora`), or give a latent-arithmetic direction (`--method
+arithmetic`: the chosen responses' mean posterior mean minus the rejected ones', added at each `--strengths` k to
+z ~ N(0, I); with the held-out accuracy of a linear probe telling the two sets apart by their posterior means).
+Before and after, one text is generated per held-out prompt (the CVAE: z from its prior or shifted, then greedy
+decoding given z, so that what varies is z; the LLM: T 1.0, top-p 0.95) and scored: the rate of the target label by
+a bag-of-words logistic regression fitted on other texts than the pairs' (and than those of the classifier that
+labels the pairs), Distinct-2 over the texts, and the base LLM's perplexity of them after their prompts. Rows are
+appended to `<output_dir>/results.jsonl` as they come.
 
 - `--data yelp`: a CVAE saved by `sentiment_transfer.py --save DIR` (unconditional Yelp sentences of both
   sentiments). Pairs from the dataset's labels: the prompt empty (BOS), a training sentence of the target sentiment
@@ -46,6 +48,7 @@ from sentiment_transfer import BagOfWords, read  # noqa: E402
 from cvae_llama import CVAELlamaForCausalLM, LatentDPOConfig, LatentDPOTrainer, save_latent_prior  # noqa: E402
 from cvae_llama.data import OneToManyCollator, load_agnews, load_dataset_by_name  # noqa: E402
 from cvae_llama.data.loaders import DATASET_LABEL_NAMES  # noqa: E402
+from cvae_llama.evaluation.control import linear_probe_accuracy  # noqa: E402
 from cvae_llama.evaluation.generation import posterior_of_texts  # noqa: E402
 from cvae_llama.evaluation.language_modeling import causal_lm_nll, count_response_tokens, perplexity  # noqa: E402
 from cvae_llama.evaluation.text import distinct_n  # noqa: E402
@@ -127,6 +130,14 @@ def agnews_task(options, tokenizer) -> Task:
     return Task(Dataset.from_dict(rows), prompts, classifier, labelling, train_prompts, target, accuracy, 8, 32)
 
 
+def probe_accuracy(chosen: torch.Tensor, rejected: torch.Tensor, seed: int) -> float:
+    """How well the posterior means tell the chosen responses from the rejected ones: the held-out accuracy of a
+    logistic regression fitted on a random half of them (0.5: the latent does not carry the preference)."""
+    features, labels = torch.cat([chosen, rejected]), torch.tensor([1] * len(chosen) + [0] * len(rejected))
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))
+    return linear_probe_accuracy(features[order], labels[order], len(features) // 2)
+
+
 def lora_dpo_trainer(llm, tokenizer, task: Task, options, output_dir: Path):
     """trl's `DPOTrainer` with a LoRA adapter on `llm`, empty prompts as the BOS token (not yet trained)."""
     from peft import LoraConfig
@@ -136,7 +147,8 @@ def lora_dpo_trainer(llm, tokenizer, task: Task, options, output_dir: Path):
     config = DPOConfig(
         output_dir=str(output_dir), per_device_train_batch_size=options.batch_size, max_steps=options.dpo_steps,
         learning_rate=options.learning_rate, beta=options.beta, max_length=task.max_prompt_tokens +
-        task.max_response_tokens + 8, logging_steps=min(10, options.dpo_steps), save_strategy="no", report_to=[], seed=options.seed,
+        task.max_response_tokens + 8, logging_steps=min(10, options.dpo_steps), save_strategy="no", report_to=[],
+        seed=options.seed,
         disable_tqdm=True, use_cpu=True,
     )  # fmt: skip
     lora = LoraConfig(
@@ -226,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         record({"what": what, **extra, "target_rate": (predicted == task.target).float().mean().item(),
                 "label_rates": torch.bincount(predicted, minlength=len(TARGETS[options.data])).div(len(texts)).tolist(),
                 "distinct_2": distinct_n(texts, 2), "base_perplexity": base_perplexity(scorer, tokenizer, task, texts),
-                "examples": [[prompt, text] for prompt, text in zip(task.prompts[:4], texts[:4], strict=True)]})  # fmt: skip
+                "examples": [list(pair) for pair in zip(task.prompts[:4], texts[:4], strict=True)]})  # fmt: skip
 
     def train(what: str, trainer) -> None:
         started_training = time.time()
@@ -250,14 +262,16 @@ def main(argv: list[str] | None = None) -> None:
         chosen, _ = posterior_of_texts(model, tokenizer, prompts, chosen, *budgets)
         rejected, _ = posterior_of_texts(model, tokenizer, prompts, rejected, *budgets)
         direction = chosen.mean(0) - rejected.mean(0)
+        record({"what": "direction", "direction_norm": direction.norm().item(),
+                "probe_accuracy": probe_accuracy(chosen, rejected, options.seed)})  # fmt: skip
         noise = prior_latents(model, len(task.prompts), generator=torch.Generator().manual_seed(options.seed + 1))
         for strength in options.strengths:
-            evaluate("arithmetic", model, CVAE_DECODING, noise + strength * direction, strength=strength,
-                     direction_norm=direction.norm().item())  # fmt: skip
+            evaluate("arithmetic", model, CVAE_DECODING, noise + strength * direction, strength=strength)
         return
     args = LatentDPOConfig(
         output_dir=str(output / "run"), per_device_train_batch_size=options.batch_size, max_steps=options.dpo_steps,
-        learning_rate=options.learning_rate, beta=options.beta, logging_steps=min(10, options.dpo_steps), save_strategy="no", report_to=[],
+        learning_rate=options.learning_rate, beta=options.beta, logging_steps=min(10, options.dpo_steps),
+        save_strategy="no", report_to=[],
         seed=options.seed, disable_tqdm=True, use_cpu=True, max_prompt_length=task.max_prompt_tokens,
         max_completion_length=task.max_response_tokens,
     )  # fmt: skip

@@ -37,9 +37,9 @@ import torch
 from cvae_llama.data.collator import OneToManyCollator
 from cvae_llama.data.loaders import load_agnews
 from cvae_llama.evaluation.control import (
-    fit_logistic_regression,
     label_directions,
     latent_guided_control,
+    linear_probe_accuracy,
     train_label_probe,
 )
 from cvae_llama.evaluation.generation import posterior_of_texts
@@ -118,12 +118,6 @@ def repetition(texts: list[str]) -> float:
     return sum(shares) / len(shares)
 
 
-def linear_topic_accuracy(features: torch.Tensor, labels: torch.Tensor, train_rows: int) -> float:
-    """Held-out accuracy of a logistic regression (`fit_logistic_regression`) from posterior means to the topic."""
-    head, mean, std, _ = fit_logistic_regression(features, labels, slice(0, train_rows), int(labels.max()) + 1)
-    return (head((features[train_rows:] - mean) / std).argmax(-1) == labels[train_rows:]).float().mean().item()
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +139,7 @@ def main(argv=None) -> dict:
     results = {
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
         "probe_held_out_accuracy": probe.held_out_accuracy,
-        "latent_topic_accuracy": linear_topic_accuracy(means, labels, half),  # chance about 0.25
+        "latent_topic_accuracy": linear_probe_accuracy(means, labels, half),  # chance about 0.25
         "posterior_mean_std": means.std(0).mean().item(),
         "label_names": list(validation.features["label"].names),
         "control": earlier,

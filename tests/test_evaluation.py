@@ -31,6 +31,7 @@ from cvae_llama.evaluation import (
     kl_to_prior,
     label_directions,
     latent_guided_control,
+    linear_probe_accuracy,
     mutual_information,
     negative_elbo,
     perplexity,
@@ -545,6 +546,9 @@ def test_logistic_regression_standardises_on_the_training_rows_and_separates_the
     assert (head((features[40:] - mean) / std).argmax(-1) == targets[40:]).float().mean() >= 0.9  # chance 1/3
     assert head.weight[:, 1].abs().sum() > 3 * head.weight[:, [0, 2, 3]].abs().sum(0).max()
     assert 0 < loss < math.log(3)
+    assert linear_probe_accuracy(features, targets, 40) >= 0.9
+    noise = torch.randn(400, 4, generator=generator)  # nothing to tell: about chance
+    assert abs(linear_probe_accuracy(noise, torch.arange(2).repeat(200), 200) - 0.5) < 0.1
 
 
 def test_label_probe_and_control_on_a_tiny_model(model, tokenizer):

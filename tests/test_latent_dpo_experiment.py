@@ -70,9 +70,9 @@ def test_yelp_rows_of_each_method(tiny_cvae, tmp_path, one_thread):
 
     output = tmp_path / "arithmetic"
     script.main([*common, "--method", "arithmetic", "--strengths", "0", "2", "--output_dir", str(output)])
-    _, unsteered, *steered = rows(output)
+    _, unsteered, direction, *steered = rows(output)
+    assert direction["direction_norm"] > 0 and 0.0 <= direction["probe_accuracy"] <= 1.0
     assert [row["strength"] for row in steered] == [0, 2]
-    assert all(row["direction_norm"] > 0 for row in steered)
     for row in steered:
         check_scores(row, 2, 4)
 

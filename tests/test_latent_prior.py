@@ -291,6 +291,19 @@ def test_the_masked_loss_is_the_loss_of_the_pairs_kept():
     assert none_kept.item() == 0.0 and none_kept.requires_grad
 
 
+def test_with_reward_functions_the_pairs_columns_go_to_them(tmp_path):
+    seen = {}
+
+    def scorer(completions, chosen, rejected, **kwargs):
+        seen.update(chosen=chosen, rejected=rejected)
+        return [0.0] * len(completions)
+
+    args = dpo_config(tmp_path, num_generations=2, max_completion_length=2, max_steps=1)
+    LatentDPOTrainer(trained_model(), args, train_dataset=preference_pairs(), processing_class=tiny_tokenizer(),
+                     reward_funcs=scorer).train()  # fmt: skip
+    assert len(seen["chosen"]) == 2 * 2 and seen["chosen"][0] == seen["chosen"][1]
+
+
 def prompts_with(count: int = 4) -> Dataset:
     return Dataset.from_dict({"prompt": ["w5 w6", "w7", "", "w9 w10"][:count], "goal": [40, 50, 60, 70][:count]})
 
@@ -354,6 +367,7 @@ def test_reward_functions_raise_the_reward_of_the_priors_samples(tmp_path):
         (len, [1.0, 2.0], prompts_with(), "reward_weights has 2 weights for 1 reward functions"),
         (len, None, preference_pairs().remove_columns("prompt"), r"lacks the column\(s\) \['prompt'\]"),
         (len, None, prompts_with(0), "train_dataset is empty"),
+        (None, [1.0], preference_pairs(), r"reward_weights=\[1.0\] weighs reward functions, but reward_funcs is not"),
     ],
 )  # fmt: skip
 def test_bad_reward_functions_are_refused_naming_them(tmp_path, reward_funcs, weights, dataset, match):
@@ -394,7 +408,9 @@ def test_the_prior_is_its_own_component_and_lora_mode_keeps_it():
     assert breakdown["latent_prior"]["trainable"] == sum(p.numel() for p in model.latent_prior.parameters())
     assert breakdown["skip"]["trainable"] == sum(p.numel() for p in model.latent_skip.parameters())
     assert "latent_prior" not in trained_model().parameter_breakdown()
-    assert "latent_prior" in cvae_modules_to_save(model) and "latent_prior" not in cvae_modules_to_save(trained_model())
+    assert "latent_prior" in cvae_modules_to_save(model) and "latent_prior" not in cvae_modules_to_save(
+        trained_model()
+    )
     peft_model = apply_lora(model, r=2)
     assert any("latent_prior" in name and parameter.requires_grad for name, parameter in peft_model.named_parameters())
     unwrapped = lora_adapter_model(peft_model)

@@ -8,7 +8,7 @@ computes, and [`evaluation_report`] runs a chosen set on a saved model and a dat
 | `language_modeling` | [`importance_weighted_nll`], [`perplexity`], [`negative_elbo`] |
 | `text` | [`distinct_n`], [`self_bleu`], [`bleu`], [`rouge_l`], [`rouge_lsum`], [`bertscore_minilm`] |
 | `generation` | [`diverse_generation`], [`base_samples`], [`temperature_sweep`], [`reconstruction`], [`interpolate`] |
-| `control` | [`train_label_probe`] ([`fit_logistic_regression`]), [`label_directions`], [`shift_latents`], [`latent_guided_control`], [`control_success`] |
+| `control` | [`train_label_probe`] ([`fit_logistic_regression`]), [`label_directions`], [`linear_probe_accuracy`], [`shift_latents`], [`latent_guided_control`], [`control_success`] |
 | `dialogue` | [`dialogue_metrics`], [`fed_style_score`] (a substitute for FED) |
 | `plots` | the latent space, KL per dimension, the interpolation path, the temperature sweep |
 | `report` | [`evaluation_report`] |
@@ -28,6 +28,7 @@ from .control import (
     fit_logistic_regression,
     label_directions,
     latent_guided_control,
+    linear_probe_accuracy,
     mean_pooled_hidden_states,
     shift_latents,
     train_label_probe,
@@ -120,6 +121,7 @@ __all__ = [
     "kl_to_prior",
     "label_directions",
     "latent_guided_control",
+    "linear_probe_accuracy",
     "mean_pooled_hidden_states",
     "minilm_model_path",
     "mutual_information",

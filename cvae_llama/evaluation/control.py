@@ -138,6 +138,15 @@ def fit_logistic_regression(
     return head.requires_grad_(False), feature_mean, feature_std, final_loss
 
 
+def linear_probe_accuracy(features: torch.Tensor, labels: torch.Tensor, train_rows: int) -> float:
+    """How linearly `features` (e.g. posterior means) tell their `labels` apart: the accuracy on the rows from
+    `train_rows` on of a logistic regression ([`fit_logistic_regression`]) fitted on the rows before."""
+    head, mean, std, _ = fit_logistic_regression(features, labels, slice(0, train_rows), int(labels.max()) + 1)
+    with torch.no_grad():
+        predicted = head((features[train_rows:] - mean) / std).argmax(-1)
+    return (predicted == labels[train_rows:]).float().mean().item()
+
+
 def train_label_probe(
     llm,
     tokenizer,
@@ -364,6 +373,7 @@ __all__ = [
     "fit_logistic_regression",
     "label_directions",
     "latent_guided_control",
+    "linear_probe_accuracy",
     "mean_pooled_hidden_states",
     "shift_latents",
     "train_label_probe",

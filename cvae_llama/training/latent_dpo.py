@@ -154,20 +154,20 @@ class LatentDPOConfig(TrainingArguments):
 class LatentPreferenceCollator:
     """Batch preference pairs `{prompt, chosen, rejected}`: the prompts for the prior (`prompt_input_ids`,
     `prompt_attention_mask`, left-padded) and `prompt + response` for the posterior, chosen and rejected rows
-    alternating (`input_ids`, `attention_mask`), tokenised as [`OneToManyCollator`] tokenises training rows. Rows
-    without `chosen` (prompts for reward functions) give the prompts' tensors, the `prompts` and their other
-    `columns`."""
+    alternating (`input_ids`, `attention_mask`), tokenised as [`OneToManyCollator`] tokenises training rows. With
+    `prompts_only` (for reward functions): the prompts' tensors, the `prompts` and the rows' other `columns`."""
 
     tokenizer: PreTrainedTokenizerBase
     max_prompt_length: int
     max_completion_length: int
+    prompts_only: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         prompts = prompt_inputs(
             self.tokenizer, [feature["prompt"] or "" for feature in features], self.max_prompt_length
         )
         batch = {"prompt_input_ids": prompts["input_ids"], "prompt_attention_mask": prompts["attention_mask"]}
-        if "chosen" not in features[0]:  # prompts alone, for reward functions: the texts and the other columns too
+        if self.prompts_only:  # for reward functions: the texts and the other columns too
             columns = {name: [feature[name] for feature in features] for name in features[0] if name != "prompt"}
             return {**batch, "prompts": [feature["prompt"] or "" for feature in features], "columns": columns}
         rows = OneToManyCollator(self.tokenizer, self.max_prompt_length, self.max_completion_length)(
@@ -216,6 +216,9 @@ class LatentDPOTrainer(Trainer):
             raise ValueError(f"args must be a LatentDPOConfig, got {type(args).__name__}")
         cvae = unwrap_cvae(model)
         self.reward_funcs = check_reward_funcs(reward_funcs, args.reward_weights)
+        if args.reward_weights is not None and not self.reward_funcs:
+            raise ValueError(f"reward_weights={args.reward_weights!r} weighs reward functions, but reward_funcs is not "
+                             f"given")  # fmt: skip
         columns = ("prompt",) if self.reward_funcs else PREFERENCE_COLUMNS
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             check_preference_dataset(dataset, name, required=name == "train_dataset", columns=columns)
@@ -232,7 +235,7 @@ class LatentDPOTrainer(Trainer):
         cvae.latent_prior.requires_grad_(True)  # the prior alone trains
         if data_collator is None:
             data_collator = LatentPreferenceCollator(
-                processing_class, args.max_prompt_length, args.max_completion_length
+                processing_class, args.max_prompt_length, args.max_completion_length, bool(self.reward_funcs)
             )
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)  # fmt: skip
