@@ -31,6 +31,7 @@ import argparse
 import json
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,22 +112,25 @@ def agnews_task(options, tokenizer) -> Task:
     responses = load_from_disk(str(options.one_to_many)).filter(
         lambda row: row["prompt_id"] < options.num_train_prompts
     )
-    texts, prompt_ids = [text.strip() for text in responses["response"]], list(responses["prompt_id"])
+    texts = [text.strip() for text in responses["response"]]
     labels = labelling.predict(texts).tolist()
+    groups = defaultdict(list)  # prompt_id -> the indices of its responses, in order
+    for index, prompt_id in enumerate(responses["prompt_id"]):
+        groups[prompt_id].append(index)
+    prompt_of = {prompt_id: responses[indices[0]]["prompt"] for prompt_id, indices in groups.items()}
     rows = {"prompt": [], "chosen": [], "rejected": []}
-    for prompt_id in sorted(set(prompt_ids)):
-        group = [i for i, found in enumerate(prompt_ids) if found == prompt_id]
-        chosen = [texts[i] for i in group if labels[i] == target]
-        rejected = [texts[i] for i in group if labels[i] != target]
+    for prompt_id in sorted(groups):
+        chosen = [texts[i] for i in groups[prompt_id] if labels[i] == target]
+        rejected = [texts[i] for i in groups[prompt_id] if labels[i] != target]
         for good, bad in list(zip(chosen, rejected, strict=False))[: options.pairs_per_prompt]:
-            rows["prompt"].append(responses[group[0]]["prompt"])
+            rows["prompt"].append(prompt_of[prompt_id])
             rows["chosen"].append(good)
             rows["rejected"].append(bad)
     first = options.first_eval_prompt
     prompts = load_dataset_by_name("agnews", DATA / "agnews", split="validation", tokenizer=tokenizer)
     prompts = list(prompts.select(range(first, first + options.num_samples))["prompt"])
     accuracy = accuracy_of(classifier, list(test["text"][2000:2800]), list(test["label"][2000:2800]))
-    train_prompts = [responses[prompt_ids.index(prompt_id)]["prompt"] for prompt_id in sorted(set(prompt_ids))]
+    train_prompts = [prompt_of[prompt_id] for prompt_id in sorted(groups)]
     return Task(Dataset.from_dict(rows), prompts, classifier, labelling, train_prompts, target, accuracy, 8, 32)
 
 

@@ -28,6 +28,7 @@ from transformers.utils import logging
 
 from ..data.collator import OneToManyCollator, prompt_inputs
 from ..latent_statistics import diagonal_gaussian_log_density, sample_posterior
+from ..validation import pad_token_id
 from .lora import unwrap_cvae
 
 
@@ -163,13 +164,12 @@ class LatentPreferenceCollator:
     prompts_only: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        prompts = prompt_inputs(
-            self.tokenizer, [feature["prompt"] or "" for feature in features], self.max_prompt_length
-        )
+        texts = [feature["prompt"] or "" for feature in features]
+        prompts = prompt_inputs(self.tokenizer, texts, self.max_prompt_length)
         batch = {"prompt_input_ids": prompts["input_ids"], "prompt_attention_mask": prompts["attention_mask"]}
         if self.prompts_only:  # for reward functions: the texts and the other columns too
             columns = {name: [feature[name] for feature in features] for name in features[0] if name != "prompt"}
-            return {**batch, "prompts": [feature["prompt"] or "" for feature in features], "columns": columns}
+            return {**batch, "prompts": texts, "columns": columns}
         rows = OneToManyCollator(self.tokenizer, self.max_prompt_length, self.max_completion_length)(
             [
                 {"prompt": feature["prompt"], "responses": [feature["chosen"], feature["rejected"]]}
@@ -244,15 +244,14 @@ class LatentDPOTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cvae = unwrap_cvae(self.accelerator.unwrap_model(model))
         args = self.args
-        if not self.reward_funcs:
-            with torch.no_grad():
-                cvae.encoder.eval()  # the posterior as trained: its batch norm's running statistics
-                posterior_mean, posterior_logvar = cvae.encode(inputs["input_ids"], inputs["attention_mask"])
         prior_mean, prior_logvar = cvae.prior(inputs["prompt_input_ids"], inputs["prompt_attention_mask"])
         prefix = "" if model.training else "eval_"
         if self.reward_funcs:
             chosen, rejected, mask = self._rewarded_latents(cvae, inputs, prior_mean, prior_logvar, prefix)
         else:
+            with torch.no_grad():
+                cvae.encoder.eval()  # the posterior as trained: its batch norm's running statistics
+                posterior_mean, posterior_logvar = cvae.encode(inputs["input_ids"], inputs["attention_mask"])
             chosen, rejected = latent_preference_pairs(
                 prior_mean.float(), prior_logvar.float(), posterior_mean[0::2].float(), posterior_logvar[0::2].float(),
                 posterior_mean[1::2].float(), posterior_logvar[1::2].float(), args.num_latent_samples,
@@ -280,7 +279,7 @@ class LatentDPOTrainer(Trainer):
         sequences = cvae.generate(
             input_ids=prompt_ids, attention_mask=inputs["prompt_attention_mask"].repeat_interleave(count, 0),
             latent=latents.flatten(0, 1).to(cvae.dtype), do_sample=False, max_new_tokens=args.max_completion_length,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            pad_token_id=pad_token_id(tokenizer),
         )  # fmt: skip
         cvae.train(was_training)
         completion_ids = [completion_until_eos(row, tokenizer.eos_token_id)
