@@ -79,6 +79,15 @@ def load_cvae(name_or_path: str | os.PathLike, argument: str = "model_name_or_pa
     return saved_cvae(name_or_path, argument, **kwargs), load_tokenizer(name_or_path)
 
 
+def load_cvae_or_causal_lm(name_or_path: str | os.PathLike, argument: str = "model_name_or_path", **kwargs):
+    """A saved CVAE ([`load_cvae`]), or any other causal LM (the base or fine-tuned LLM a CVAE is compared with), in
+    eval mode, and its tokenizer."""
+    if model_config(name_or_path, argument).model_type == "cvae_llama":
+        return load_cvae(name_or_path, argument, **kwargs)
+    model, tokenizer = load_causal_lm(name_or_path, argument, **kwargs)
+    return model.eval(), tokenizer
+
+
 def saved_cvae(name_or_path: str | os.PathLike, argument: str = "model_name_or_path", **kwargs):
     """A saved [`CVAELlamaForCausalLM`], in eval mode; a clear error for any other folder (see [`load_cvae`])."""
     config = model_config(name_or_path, argument)

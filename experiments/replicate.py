@@ -7,11 +7,17 @@ already complete is skipped, so an interrupted run continues where it stopped. A
 
     python experiments/replicate.py --output_dir runs/replicate                 # the table (hours on a CPU)
     python experiments/replicate.py --quick --output_dir /tmp/replicate-quick   # two rows, a few steps
+    python experiments/replicate.py --datasets dailydialog --seeds 0 1 --output_dir runs/replicate   # the dialogue
 
 Rows (one CVAE each, same architecture, steps and seed; `--rows` picks some): the regularisers (vanilla KL,
 cyclical, free bits, Optimus, BoW, beta 0.5 / 0.1 / 0), the injection (embedding instead of the per-layer memory),
 the skips (none, skip, G-Skip) under KL and under the density gap; plus the base LM sampled directly (read from the
 evaluation's references, which are the base LM's samples).
+
+DailyDialog (context -> next turn) is run the paper's way: the LLM is first fine-tuned on the dialogues (`sft`), the
+one-to-many data are sampled from the fine-tuned LLM, and the CVAEs wrap it, decoder frozen. Its table adds two rows
+of plain LMs, scored by the same `evaluate` from their samples (T 1.0, top-p 0.95): the base LLM and the fine-tuned
+one; and every row is scored against DailyDialog's own human next turn (BLEU, BERTScore, FED-style, perplexity).
 """
 
 import argparse
@@ -31,11 +37,13 @@ from cvae_llama.evaluation.plots import pyplot as _pyplot  # matplotlib with the
 # ---------------------------------------------------------------------------------------------------- the table
 @dataclass(frozen=True)
 class Row:
-    """One row of the paper's table: the `train` flags that differ from the common ones."""
+    """One row of the paper's table: the `train` flags that differ from the common ones; or, for `llm` rows, a plain
+    LM evaluated from its samples ("base": the LLM given, "sft": the LLM fine-tuned on the dataset)."""
 
     name: str
     title: str
-    flags: tuple[str, ...]
+    flags: tuple[str, ...] = ()
+    llm: str | None = None
 
 
 def _row(name, title, objective, skip="none", *extra):
@@ -72,7 +80,11 @@ ROWS = (
     _row("dg_gskip_running", "DG + G-Skip, running statistics", "dg", "gskip", "--posterior_norm_statistics",
          "running"),
 )
-ROWS_BY_NAME = {row.name: row for row in ROWS}
+LLM_ROWS = (
+    Row("base_llm", "base LLM, sampled (T 1.0, top-p 0.95)", llm="base"),
+    Row("sft_llm", "fine-tuned LLM (SFT), sampled (T 1.0, top-p 0.95)", llm="sft"),
+)
+ROWS_BY_NAME = {row.name: row for row in (*ROWS, *LLM_ROWS)}
 KEY_ROWS = ("vanilla", "beta_0", "optimus", "dg", "dg_gskip")  # the rows run under several seeds
 QUICK_ROWS = ("vanilla", "dg_gskip")
 # rows of the two plots: the latent space (vanilla against DG + G-Skip) and the temperature sweep
@@ -95,16 +107,24 @@ class DatasetSetup:
     reference_metrics: tuple[str, ...] = ()
     rows: tuple[str, ...] | None = None
     budget: tuple[tuple[str, int], ...] = ()
+    # the one-to-many data and the CVAEs come from the LLM fine-tuned on the train split (`Budget.sft_steps`)
+    fine_tune: bool = False
+    # the importance-weighted perplexity on the first `lm_prompts` test prompts (the costliest metric)
+    language_modeling: bool = True
 
 
 DATASETS = {
     "agnews": DatasetSetup("agnews", "agnews", "validation", "test", 8, 32),
-    # context -> next turn: the CVAE's responses are scored against the human ones of the validation split; a turn
-    # of 165 tokens costs four AG News rows, so the CPU run is smaller (see experiments/RESULTS.md)
+    # context -> next turn: every row is scored against the human turns of the validation split. On 2 CPU cores the
+    # contexts keep their last 64 tokens (the last two or three turns; a row of 100 tokens costs about 2.5 AG News
+    # rows), one epoch of 128 training contexts x 8 turns, and no IW perplexity (see experiments/RESULTS.md)
     "dailydialog": DatasetSetup(
-        "dailydialog", "dailydialog", "train", "validation", 128, 36,
-        metrics=("latent", "diversity", "reconstruction"), reference_metrics=("dialogue",), rows=("dg_gskip",),
-        budget=(("num_train_prompts", 64), ("num_responses", 8), ("num_test_prompts", 32), ("max_steps", 32)),
+        "dailydialog", "dailydialog", "train", "validation", 64, 36,
+        metrics=("latent", "diversity", "reconstruction"), reference_metrics=("dialogue",),
+        rows=("base_llm", "sft_llm", "dg_gskip", "vanilla", "dg", "free_bits"), fine_tune=True,
+        language_modeling=False,
+        budget=(("num_train_prompts", 128), ("num_responses", 8), ("num_test_prompts", 32), ("max_steps", 128),
+                ("sft_samples", 1024), ("sft_steps", 128)),
     ),  # fmt: skip
 }
 
@@ -127,11 +147,13 @@ class Budget:
     iw_samples: int = 4
     lm_prompts: int = 8
     mc_samples: int = 16
+    sft_samples: int = 1024  # pairs of the train split the LLM is fine-tuned on (datasets with `fine_tune`)
+    sft_steps: int = 128  # optimizer steps of 8 pairs
 
 
 QUICK_BUDGET = Budget(num_train_prompts=4, num_test_prompts=16, num_responses=4, max_steps=3,
                       latent_size=8, gskip_samples=4, eval_group_size=4, num_latents=2, iw_samples=2, lm_prompts=2,
-                      mc_samples=2)  # fmt: skip
+                      mc_samples=2, sft_samples=16, sft_steps=2)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- running steps
@@ -143,14 +165,15 @@ class Runner:
         self.dry_run = dry_run
         self.commands: list[str] = []
 
-    def __call__(self, argv: list[str], done: Path, log: Path) -> float | None:
-        """Run one step unless `done` exists; returns its wall-clock seconds (None when skipped)."""
+    def __call__(self, argv: list[str], done: Path, log: Path, threads: int | None = None) -> float | None:
+        """Run one step unless `done` exists (with `threads` torch threads, default the runner's); returns its
+        wall-clock seconds (None when skipped)."""
         command = [sys.executable, "-m", "cvae_llama", *argv]
         self.commands.append("python " + " ".join(command[1:]))
         if done.exists() or self.dry_run:
             return None
         log.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "HF_HUB_OFFLINE": "1",
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads or self.threads), "HF_HUB_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
         start = time.perf_counter()
         with log.open("w") as handle:
@@ -165,6 +188,19 @@ class Runner:
         recorded[log.stem] = round(seconds, 1)
         timings.write_text(json.dumps(recorded, indent=2))
         return seconds
+
+
+def sft_step(setup: DatasetSetup, budget: Budget, model: str, data_root: Path, out: Path) -> tuple:
+    """Fine-tune the LLM on the first `sft_samples` context / turn pairs of the train split (the paper's first step)."""
+    folder = out / "sft"
+    argv = ["sft", "--model_name_or_path", model, "--dataset", str(data_root / setup.path), "--split",
+            setup.train_split, "--max_samples", str(budget.sft_samples), "--output_dir", str(folder),
+            "--max_steps", str(budget.sft_steps), "--per_device_train_batch_size", "8", "--learning_rate", "1e-4",
+            "--lr_scheduler_type", "cosine", "--warmup_steps", str(max(1, budget.sft_steps // 10)),
+            "--max_prompt_tokens", str(setup.prompt_tokens), "--max_response_tokens", str(setup.response_tokens + 1),
+            "--logging_steps", str(max(1, budget.sft_steps // 16)), "--save_strategy", "no", "--report_to", "none",
+            "--seed", "0", "--dataloader_num_workers", "0", "--use_cpu", "--overwrite"]  # fmt: skip
+    return argv, folder / "tokenizer_config.json", out / "sft.log"  # the tokenizer is saved after the weights
 
 
 def sample_steps(setup: DatasetSetup, budget: Budget, model: str, data_root: Path, out: Path) -> list[tuple]:
@@ -195,44 +231,59 @@ def train_step(row: Row, seed: int, setup: DatasetSetup, budget: Budget, model: 
 
 
 def evaluate_steps(row: Row, seed: int, setup: DatasetSetup, budget: Budget, model: str, out: Path,
-                   data_root: Path) -> list[tuple]:
+                   data_root: Path, base: str) -> list[tuple]:
     """`evaluate` calls: every metric but perplexity on all test prompts; the importance-weighted perplexity on the
     first `lm_prompts` (and the latent-temperature sweep, for the rows of its plot); and the dataset's
     `reference_metrics` on its own test split, against the human responses."""
     run = out / f"{row.name}-seed{seed}"
+    # the model evaluated: the CVAE trained, or a plain LM (the base LLM, or the fine-tuned one) sampled
+    evaluated = {None: run / "cvae", "base": base, "sft": model}[row.llm]  # an LM row's seed is its samples' seed
+    # the base LM's samples are the references of diverse generation, except where the dataset's one-to-many data
+    # come from the fine-tuned LLM: there they are the references, and the base LLM judges the dialogue metrics
+    judge = [] if setup.fine_tune else ["--base_model", model]
 
     def evaluate(dataset: Path, group_size: int, num_prompts: int, folder: str, metrics, *extra) -> tuple:
-        argv = ["evaluate", "--model_name_or_path", str(run / "cvae"), "--dataset", str(dataset), *extra,
+        argv = ["evaluate", "--model_name_or_path", str(evaluated), "--dataset", str(dataset), *extra,
                 "--output_dir", str(run / folder), "--metrics", *metrics, "--num_prompts", str(num_prompts),
                 "--group_size", str(group_size), "--num_latents", str(budget.num_latents),
                 "--max_prompt_tokens", str(setup.prompt_tokens + 1),
                 "--max_response_tokens", str(setup.response_tokens + 1), "--max_new_tokens", str(setup.response_tokens),
                 "--iw_samples", str(budget.iw_samples), "--iw_prior_samples", str(budget.iw_samples // 2),
                 "--mc_samples", str(budget.mc_samples), "--batch_size", "32",
-                "--seed", "0", "--base_model", model, "--overwrite"]  # fmt: skip
+                "--seed", str(seed if row.llm else 0), "--overwrite"]  # fmt: skip
         return argv, run / folder / "results.json", run / f"{folder.replace('evaluation', 'evaluate')}.log"
 
     one_to_many = out / "data" / "test"
-    steps = [
-        evaluate(one_to_many, budget.eval_group_size, budget.num_test_prompts, "evaluation", setup.metrics),
-        evaluate(one_to_many, budget.eval_group_size, budget.lm_prompts, "evaluation_lm",
-                 ["language_modeling"] + (["temperature_sweep"] if row.name in SWEEP_ROWS else [])),
-    ]  # fmt: skip
-    if setup.reference_metrics:  # the human response of each context of the dataset's test split
+    if row.llm:
+        steps = [evaluate(one_to_many, budget.eval_group_size, budget.num_test_prompts, "evaluation", ["diversity"])]
+    else:
+        steps = [evaluate(one_to_many, budget.eval_group_size, budget.num_test_prompts, "evaluation", setup.metrics,
+                          *judge)]  # fmt: skip
+        if setup.language_modeling:
+            steps.append(evaluate(one_to_many, budget.eval_group_size, budget.lm_prompts, "evaluation_lm",
+                                  ["language_modeling"] + (["temperature_sweep"] if row.name in SWEEP_ROWS else []),
+                                  *judge))  # fmt: skip
+    if setup.reference_metrics:  # the human response of each context of the dataset's test split, judged by the base
         steps.append(evaluate(data_root / setup.path, 1, budget.num_test_prompts, "evaluation_reference",
-                              setup.reference_metrics, "--split", setup.test_split))  # fmt: skip
+                              setup.reference_metrics, "--split", setup.test_split, "--base_model", base))  # fmt: skip
     return steps
 
 
-def run_dataset(setup: DatasetSetup, runs: list[tuple[Row, int]], budget: Budget, model: str, data_root: Path,
+def run_dataset(setup: DatasetSetup, runs: list[tuple[Row, int]], budget: Budget, base: str, data_root: Path,
                 out: Path, runner: Runner, jobs: int) -> None:
-    """Sample the one-to-many data, then train and evaluate each (row, seed), `jobs` processes at a time."""
+    """Fine-tune the LLM (datasets with `fine_tune`), sample the one-to-many data from it, then train and evaluate
+    each (row, seed), `jobs` processes at a time."""
+    model = base
+    if setup.fine_tune:
+        runner(*sft_step(setup, budget, base, data_root, out), threads=runner.threads * jobs)  # it runs alone
+        model = str(out / "sft")
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(lambda step: runner(*step), sample_steps(setup, budget, model, data_root, out)))
 
         def train_then_evaluate(run: tuple[Row, int]) -> None:
-            runner(*train_step(*run, setup, budget, model, out))
-            for step in evaluate_steps(*run, setup, budget, model, out, data_root):
+            if not run[0].llm:
+                runner(*train_step(*run, setup, budget, model, out))
+            for step in evaluate_steps(*run, setup, budget, model, out, data_root, base):
                 runner(*step)
 
         for future in [pool.submit(train_then_evaluate, run) for run in runs]:
@@ -240,16 +291,24 @@ def run_dataset(setup: DatasetSetup, runs: list[tuple[Row, int]], budget: Budget
 
 
 # ---------------------------------------------------------------------------------------------------- the tables
+def _generated(results: dict) -> dict:
+    """The diversity of the evaluated model's K texts per prompt: a CVAE's prior decodings, or a plain LM's samples."""
+    diversity = results["diversity"]
+    return diversity["cvae"] if "cvae" in diversity else diversity["llm"]
+
+
 COLUMNS = (
     ("KL", lambda r: r["latent"]["kl"]),
+    ("reads z", lambda r: r["latent"]["information"]),
     ("MI", lambda r: r["latent"]["mutual_information"]),
     ("AU 0.03", lambda r: r["latent"]["active_units"]["0.03"]),
     ("AU 0.1", lambda r: r["latent"]["active_units"]["0.1"]),
     ("CU 0.1", lambda r: r["latent"]["consistent_units"]["0.1"]),
     ("IW-PPL", lambda r: r["language_modeling"]["iw_perplexity"]),
-    ("Dist-4", lambda r: r["diversity"]["cvae"]["distinct_4"]),
-    ("Self-BLEU-4", lambda r: r["diversity"]["cvae"]["self_bleu_4"]),
-    ("ROUGE-Lsum", lambda r: r["diversity"]["cvae"]["rouge_lsum"]),
+    ("Dist-2", lambda r: _generated(r)["distinct_2"]),
+    ("Dist-4", lambda r: _generated(r)["distinct_4"]),
+    ("Self-BLEU-4", lambda r: _generated(r)["self_bleu_4"]),
+    ("ROUGE-Lsum", lambda r: _generated(r)["rouge_lsum"]),
     ("Rec. ROUGE-L", lambda r: r["reconstruction"]["rouge_l"]),
 )
 
@@ -321,26 +380,30 @@ def _median_and_spread(values: list[float | None]) -> tuple[float | None, float 
     return statistics.median(present), (max(present) - min(present)) if len(present) > 1 else None
 
 
-def markdown_table(collected: dict, seed: int) -> str:
-    """The paper's table for one seed (the base LM's row last)."""
+BASE_SAMPLES = "base LM, sampled (T 1.0, top-p 0.95)"
+
+
+def markdown_table(collected: dict, seed: int, references: str = BASE_SAMPLES) -> str:
+    """The paper's table for one seed (the references' row, the base LM's samples, last)."""
     rows = collected["rows"]
     control = sorted({key for row in rows.values() for values in row.values() for key in values if
                       key.startswith("ctrl ")}, key=lambda key: (key == "ctrl mean", key))  # fmt: skip
     headers = ["row"] + [name for name, _ in COLUMNS] + control + ["train s", "eval s"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for row in ROWS:
+    for row in ROWS_BY_NAME.values():
         values = rows.get(row.name, {}).get(seed)
         if values is None:
             continue
         lines.append("| " + " | ".join([row.title] + [_format(values.get(h)) for h in headers[1:]]) + " |")
     if collected["base_lm"]:
         base = collected["base_lm"]
-        lines.append("| base LM, sampled (T 1.0, top-p 0.95) | " + " | ".join(_format(base.get(h)) for h in headers[1:])
+        lines.append(f"| {references} | " + " | ".join(_format(base.get(h)) for h in headers[1:])
                      + " |")
     return "\n".join(lines)
 
 
-DIALOGUE_COLUMNS = ("bleu_1", "bleu_2", "distinct_1", "distinct_2", "bertscore_minilm_f1", "fed_style")
+DIALOGUE_COLUMNS = ("bleu_1", "bleu_2", "distinct_1", "distinct_2", "bertscore_minilm_f1", "fed_style",
+                    "base_lm_perplexity")
 
 
 def dialogue_table(collected: dict, seed: int) -> str | None:
@@ -348,8 +411,8 @@ def dialogue_table(collected: dict, seed: int) -> str | None:
     substitutes for the paper's BERTScore (roberta-large) and FED, not comparable with its numbers."""
     headers = [f"dialogue {name}" for name in DIALOGUE_COLUMNS]
     lines = ["| row | BLEU-1 | BLEU-2 | Distinct-1 | Distinct-2 | BERTScore F1 (MiniLM-L6, substitute) | "
-             "FED-style (substitute) |", "|" + "---|" * (len(headers) + 1)]  # fmt: skip
-    for row in ROWS:
+             "FED-style (substitute) | base LLM's perplexity |", "|" + "---|" * (len(headers) + 1)]  # fmt: skip
+    for row in ROWS_BY_NAME.values():
         values = collected["rows"].get(row.name, {}).get(seed)
         if values is None or not any(values.get(header) is not None for header in headers):
             continue
@@ -357,11 +420,14 @@ def dialogue_table(collected: dict, seed: int) -> str | None:
     return "\n".join(lines) if len(lines) > 2 else None
 
 
-def seeds_table(collected: dict) -> str:
-    """Median and spread (max - min) over the seeds, for the rows run under more than one seed."""
-    headers = [name for name, _ in COLUMNS] + ["ctrl mean"]
-    lines = ["| row | seeds | " + " | ".join(headers) + " |", "|" + "---|" * (len(headers) + 2)]
-    for row in ROWS:
+def seeds_table(collected: dict, headers: list[str] | None = None, titles: dict[str, str] | None = None) -> str:
+    """Median and spread (max - min) over the seeds, for the rows run under more than one seed (with two seeds the
+    median is the mean): `headers` are the columns (default: the paper's table), `titles` their printed names."""
+    headers = headers or [name for name, _ in COLUMNS] + ["ctrl mean"]
+    titles = titles or {}
+    lines = ["| row | seeds | " + " | ".join(titles.get(h, h) for h in headers) + " |",
+             "|" + "---|" * (len(headers) + 2)]  # fmt: skip
+    for row in ROWS_BY_NAME.values():
         seeds = collected["rows"].get(row.name, {})
         if len(seeds) < 2:
             continue
@@ -370,6 +436,38 @@ def seeds_table(collected: dict) -> str:
             median, spread = _median_and_spread([values.get(header) for values in seeds.values()])
             cells.append(_format(median) + ("" if spread is None else f" ± {spread / 2:.2f}"))
         lines.append(f"| {row.title} | {', '.join(map(str, sorted(seeds)))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# the dialogue headline: against the human next turn (one response per context), among a context's K texts, the
+# base LLM's judgement, and the latent (KL, MI, active units, how much the decoder reads z)
+HEADLINE_COLUMNS = {
+    "dialogue bleu_1": "BLEU-1", "dialogue bleu_2": "BLEU-2", "dialogue distinct_1": "Distinct-1",
+    "dialogue distinct_2": "Distinct-2", "Self-BLEU-4": "Self-BLEU-4 (K per context)",
+    "Dist-2": "Distinct-2 (K per context)", "dialogue bertscore_minilm_f1": "BERTScore F1 (MiniLM-L6, substitute)",
+    "dialogue fed_style": "FED-style (substitute)", "dialogue base_lm_perplexity": "base LLM's perplexity",
+    "KL": "KL", "MI": "MI", "AU 0.03": "AU 0.03", "reads z": "decoder reads z (nats)",
+}  # fmt: skip
+
+
+def latent_samples(out: Path, seed: int, rows: tuple[str, ...], num_contexts: int = 3) -> str | None:
+    """The first `num_contexts` test contexts with each row's K texts (a CVAE's decodings of K prior latents, an
+    LM's K samples), from the evaluations' `samples.json`."""
+    texts = {}
+    for name in rows:
+        samples_file = out / f"{name}-seed{seed}" / "evaluation" / "samples.json"
+        if samples_file.exists():
+            texts[name] = json.loads(samples_file.read_text())["diversity"][:num_contexts]
+    if not texts:
+        return None
+    lines = []
+    for index in range(min(len(entries) for entries in texts.values())):
+        context = next(iter(texts.values()))[index]["prompt"]
+        lines += [f"**Context {index + 1}** (last turns): {context[-300:]!r}", ""]
+        for name, entries in texts.items():
+            generated = entries[index].get("cvae") or entries[index].get("llm")
+            lines += [f"- {ROWS_BY_NAME[name].title}:", *(f"  {k + 1}. {text!r}" for k, text in enumerate(generated))]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -433,13 +531,21 @@ def write_summary(out: Path, setup: DatasetSetup, runs: list[tuple[Row, int]], b
     collected = collect(out, runs, names)
     parts = [f"# {setup.name}: the paper's table at small scale", "",
              f"Budget: {budget}", ""]  # fmt: skip
+    references = "the test data (the fine-tuned LLM's samples)" if setup.fine_tune else BASE_SAMPLES
     for seed in seeds:
-        parts += [f"## seed {seed}", "", markdown_table(collected, seed), ""]
+        parts += [f"## seed {seed}", "", markdown_table(collected, seed, references), ""]
         dialogue = dialogue_table(collected, seed)
         if dialogue:
             parts += [f"### dialogue, against the human responses (seed {seed})", "", dialogue, ""]
     if len(seeds) > 1:
         parts += ["## over seeds: median ± half the range", "", seeds_table(collected), ""]
+    if setup.reference_metrics and len(seeds) > 1:
+        parts += ["## the dialogue table over seeds: mean ± half the range", "",
+                  seeds_table(collected, list(HEADLINE_COLUMNS), HEADLINE_COLUMNS), ""]  # fmt: skip
+    samples = latent_samples(out, seeds[0], tuple(name for name in ("dg_gskip", "vanilla", "sft_llm")
+                                                  if any(row.name == name for row, _ in runs)))  # fmt: skip
+    if samples:
+        parts += [f"## samples: {budget.num_latents} per context (seed {seeds[0]})", "", samples, ""]
     latent = plot_latent_spaces(out, seeds[0], out / "latent_space_vanilla_vs_dg_gskip.png")
     sweep = plot_sweep(out, seeds[0], out / "temperature_sweep.png", collected)
     plots = {key: str(value) for key, value in (("latent_space", latent), ("sweep", sweep)) if value}

@@ -36,6 +36,8 @@ from cvae_llama.evaluation import (
     negative_elbo,
     perplexity,
     reconstruction,
+    response_log_likelihood,
+    response_perplexity,
     rouge_l,
     rouge_lsum,
     self_bleu,
@@ -723,11 +725,80 @@ def test_evaluation_report_rejects_bad_input(saved_model, model, tokenizer, tmp_
         evaluation_report(saved_model, one_to_many_rows(num_responses=1), tmp_path, metrics=["latent"])
     llama_folder = tmp_path / "llama"
     LlamaForCausalLM(tiny_llama_config()).save_pretrained(llama_folder)
-    with pytest.raises(ValueError, match="holds a 'llama' model, not a CVAE-Llama"):
-        evaluation_report(llama_folder, rows, tmp_path, metrics=["latent"])
+    tokenizer.save_pretrained(llama_folder)
+    with pytest.raises(ValueError, match=r"metric\(s\) \['latent'\] need a CVAE's latent, but the model is a plain"):
+        evaluation_report(llama_folder, rows, tmp_path, metrics=["latent", "diversity"], tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=r"metric\(s\) \['control'\] need a CVAE's latent"):
+        evaluation_report(decoder_as_causal_lm(model), rows, tmp_path, metrics=["control"], tokenizer=tokenizer)
     with pytest.raises(ValueError, match="model must be a CVAELlamaForCausalLM"):
-        evaluation_report(decoder_as_causal_lm(model), rows, tmp_path, metrics=["latent"], tokenizer=tokenizer)
+        evaluation_report(model.encoder, rows, tmp_path, metrics=["latent"], tokenizer=tokenizer)
     assert not (tmp_path / "results.json").exists()  # nothing written on bad input
+
+
+def test_evaluation_report_of_a_plain_lm_scores_its_samples(model, tokenizer, tmp_path):
+    """The base / fine-tuned LLM rows of a comparison: diversity and dialogue from the LM's own samples (T 1.0,
+    top-p 0.95, seeded), with the same metric functions as a CVAE's."""
+    llm = decoder_as_causal_lm(model)
+    rows = one_to_many_rows()
+    kwargs = dict(tokenizer=tokenizer, num_latents=3, max_prompt_tokens=8, max_response_tokens=6, seed=3)
+    results = evaluation_report(llm, rows, tmp_path / "a", metrics=["diversity", "dialogue"], **kwargs)
+    prompts = [f"{p} {a}" for a in ("old", "new") for p in ("the team", "stocks")]
+    samples = base_samples(llm, tokenizer, prompts, 3, 6, max_prompt_tokens=8, seed=3)
+    assert results["diversity"]["llm"] == diversity_metrics(samples, [list(rows.filter(lambda r: r["prompt"] == p)[
+        "response"]) for p in prompts])  # fmt: skip
+    assert results["settings"]["generation"].startswith("samples (temperature 1.0")
+    assert results["settings"]["base_model"] == "the evaluated LM itself"
+    on_disk = json.loads((tmp_path / "a" / "samples.json").read_text())
+    assert on_disk["diversity"][0]["llm"] == samples[0]
+    first = [group[0] for group in base_samples(llm, tokenizer, prompts, 1, 6, max_prompt_tokens=8, seed=3)]
+    assert [row["response"] for row in on_disk["dialogue"]] == first
+    assert results["dialogue"]["base_lm_perplexity"] == pytest.approx(response_perplexity(llm, tokenizer, prompts, first))
+    markdown = (tmp_path / "a" / "results.md").read_text()
+    assert "3 samples per prompt" in markdown and "| LM samples |" in markdown and "base LM perplexity" in markdown
+    again = evaluation_report(llm, rows, tmp_path / "b", metrics=["diversity"], **kwargs)
+    assert again["diversity"] == results["diversity"]  # the seed fixes the samples
+    assert evaluation_report(llm, rows, tmp_path / "c", **kwargs)["settings"]["metrics"] == ["diversity"]
+
+
+def test_response_perplexity_is_the_per_token_perplexity_of_the_responses(model, tokenizer):
+    from cvae_llama.data.collator import OneToManyCollator
+
+    llm = decoder_as_causal_lm(model)
+    contexts, responses = ["the team won", "stocks fell on"], ["the cup", "oil price and bank rate"]
+    batch = OneToManyCollator(tokenizer, 128, 64)([{"prompt": c, "response": r} for c, r in zip(contexts, responses)])
+    nll = causal_lm_nll(llm, batch)
+    tokens = (batch["labels"][:, 1:] != -100).sum()
+    assert tokens == 3 + 6  # each response and its EOS
+    expected = math.exp(nll.sum().item() / tokens.item())
+    assert response_perplexity(llm, tokenizer, contexts, responses) == pytest.approx(expected, rel=1e-5)
+    assert response_perplexity(llm, tokenizer, contexts, responses, batch_size=1) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="contexts has 2 texts but responses has 1"):
+        response_perplexity(llm, tokenizer, contexts, responses[:1])
+
+
+def test_information_is_how_much_the_decoder_reads_z(model, tokenizer, tmp_path):
+    """`latent.information`: NLL of a response decoded from its sibling's posterior mean minus from its own."""
+    from cvae_llama.data.collator import OneToManyCollator
+    from cvae_llama.evaluation.report import _next_in_group
+
+    assert _next_in_group(torch.tensor([0, 0, 0, 1, 1, 2])).tolist() == [1, 2, 0, 4, 3, 5]
+    with torch.no_grad():  # a fresh encoder gives every response the mean 0: make the means differ
+        model.encoder.to_latent_mean_logvar[-1].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    rows = one_to_many_rows()
+    kwargs = dict(metrics=["latent"], max_prompt_tokens=8, max_response_tokens=8, mc_samples=2, tokenizer=tokenizer)
+    results = evaluation_report(model, rows, tmp_path / "a", **kwargs)
+    groups = [{"prompt": p, "responses": list(rows.filter(lambda r, i=i: r["prompt_id"] == i)["response"])}
+              for i, p in enumerate(dict.fromkeys(rows["prompt"]))]  # fmt: skip
+    batch = OneToManyCollator(tokenizer, 8, 8)(groups)
+    mean, _ = model.encode(batch["input_ids"], batch["attention_mask"])
+    sibling = _next_in_group(batch["group_ids"])
+    expected = (response_log_likelihood(model, batch, mean) - response_log_likelihood(model, batch, mean[sibling]))
+    assert results["latent"]["information"] == pytest.approx(expected.mean().item(), rel=1e-4, abs=1e-6)
+    assert results["latent"]["information"] != 0
+    ignore_latent(model)
+    deaf = evaluation_report(model, rows, tmp_path / "b", **kwargs)
+    assert deaf["latent"]["information"] == pytest.approx(0.0, abs=1e-5)  # a decoder that ignores z reads nothing
+    assert "decoder reads z" in (tmp_path / "a" / "results.md").read_text()
 
 
 def test_every_report_metric_is_one_function_and_one_markdown_section():

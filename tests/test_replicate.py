@@ -51,20 +51,68 @@ def test_bad_arguments_are_refused(capsys):
 
 
 @pytest.mark.slow
-def test_quick_dailydialog_scores_against_the_human_responses(tiny_lm, shared_data, tmp_path):
+def test_quick_dailydialog_fine_tunes_then_scores_every_row_against_the_human_responses(tiny_lm, shared_data, tmp_path):
     replicate = load_experiment("replicate")
     output = tmp_path / "replicate"
-    summaries = replicate.main(["--quick", "--datasets", "dailydialog", "--output_dir", str(output),
-                                "--model_name_or_path", str(tiny_lm), "--data_root", str(shared_data), "--jobs", "1"])
-    values = summaries["dailydialog"]["rows"]["dg_gskip"][0]  # the dataset's one row
-    assert set(summaries["dailydialog"]["rows"]) == {"dg_gskip"}
-    for metric in ("bleu_1", "bertscore_minilm_f1", "fed_style"):
-        assert values[f"dialogue {metric}"] is not None, metric
-    run = output / "dailydialog" / "dg_gskip-seed0"
+    argv = ["--quick", "--datasets", "dailydialog", "--seeds", "0", "1", "--output_dir", str(output),
+            "--model_name_or_path", str(tiny_lm), "--data_root", str(shared_data), "--jobs", "1"]  # fmt: skip
+    runs = replicate.dataset_runs(replicate.DATASETS["dailydialog"], replicate.parse_args(argv), [0], [])
+    assert [row.name for row, _ in runs] == ["dg_gskip", "vanilla", "dg", "base_llm", "sft_llm", "free_bits"]
+    # the base LLM's row is the fine-tuned LLM's with the base model's path: its commands, without running them
+    runner = replicate.Runner(1, dry_run=True)
+    setup, budget = replicate.DATASETS["dailydialog"], replicate.QUICK_BUDGET
+    replicate.run_dataset(setup, [(replicate.ROWS_BY_NAME["base_llm"], 1)], budget, str(tiny_lm), shared_data,
+                          output / "dry", runner, 1)  # fmt: skip
+    commands = [command for command in runner.commands if " evaluate " in command]
+    assert len(commands) == 2 and all(f"--model_name_or_path {tiny_lm} " in command for command in commands)
+    assert all("--seed 1 " in command and f"--base_model {tiny_lm}" not in command for command in commands[:1])
+    assert f"--base_model {tiny_lm}" in commands[1] and not (output / "dry").exists()
+
+    argv += ["--rows", "sft_llm", "dg_gskip"]  # the suite's version: one LM row and one CVAE row
+    summaries = replicate.main(argv)
+    out = output / "dailydialog"
+    rows = summaries["dailydialog"]["rows"]
+    assert set(rows) == {"sft_llm", "dg_gskip"}
+    for name, seeds in rows.items():
+        assert set(seeds) == {0, 1}, name
+        for seed, values in seeds.items():
+            for metric in ("bleu_1", "bleu_2", "distinct_1", "distinct_2", "bertscore_minilm_f1", "fed_style",
+                           "base_lm_perplexity"):  # fmt: skip
+                assert values[f"dialogue {metric}"] is not None, (name, seed, metric)
+            assert values["Self-BLEU-4"] is not None and values["Dist-2"] is not None, (name, seed)
+            cvae = not name.endswith("_llm")
+            assert (values["MI"] is not None) == cvae and (values["reads z"] is not None) == cvae, name
+    # the paper's way: the LLM fine-tuned first, the one-to-many data sampled from it, the CVAEs built on it
+    record = json.loads((out / "dg_gskip-seed0" / "cvae" / "cvae_training.json").read_text())
+    assert str(out / "sft") in json.dumps(record)
+    assert json.loads((out / "data" / "train" / "dataset_info.json").read_text())
+    assert "-m cvae_llama sft" in (out / "sft.log").read_text()
+    sample_log = (out / "data" / "sample_train.log").read_text().splitlines()[0]
+    assert f"--model_name_or_path {out / 'sft'}" in sample_log
+    # the LM rows are scored from their own samples, each seed its own; the base LLM judges every row
+    sft = [json.loads((out / f"sft_llm-seed{seed}" / "evaluation" / "samples.json").read_text()) for seed in (0, 1)]
+    assert sft[0]["diversity"][0]["llm"] != sft[1]["diversity"][0]["llm"]
+    for name in ("sft_llm", "dg_gskip"):
+        settings = json.loads((out / f"{name}-seed0" / "evaluation_reference" / "results.json").read_text())
+        assert settings["settings"]["base_model"] == "given"
+    run = out / "dg_gskip-seed0"
     samples = json.loads((run / "evaluation_reference" / "samples.json").read_text())["dialogue"]
     from cvae_llama.data import load_dailydialog
 
     human = load_dailydialog(shared_data / "dailydialog", split="validation")
     assert samples[0]["reference"] == human[0]["response"]  # scored against DailyDialog's own next turn
-    summary = (output / "dailydialog" / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
     assert "BERTScore F1 (MiniLM-L6, substitute)" in summary and "| DG + G-Skip |" in summary
+    assert "the dialogue table over seeds" in summary and "| fine-tuned LLM (SFT), sampled" in summary
+    assert "**Context 3**" in summary and "decoder reads z (nats)" in summary
+
+    # interrupted after the fine-tuning and one training: the rerun does only what is missing
+    for path in (out / "dg_gskip-seed1").rglob("results.json"):
+        path.unlink()
+    before = {path: path.stat().st_mtime_ns for path in out.rglob("results.json")}
+    sft_weights = (out / "sft" / "model.safetensors").stat().st_mtime_ns
+    replicate.main(argv)
+    after = {path: path.stat().st_mtime_ns for path in out.rglob("results.json")}
+    assert {path: after[path] for path in before} == before
+    assert set(after) - set(before) == set((out / "dg_gskip-seed1").rglob("results.json"))
+    assert (out / "sft" / "model.safetensors").stat().st_mtime_ns == sft_weights

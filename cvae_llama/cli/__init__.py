@@ -125,7 +125,9 @@ COMMANDS = {
             "the evaluation report: latent quality, diversity, reconstruction, interpolation, control",
             "Step 4. Run the evaluation report (cvae_llama.evaluation.evaluation_report) of a saved CVAE on one-to-many "
             "test data: results.json, results.md, samples.json and PNG plots in --output_dir. The control metric "
-            "also writes the label directions that `generate --directions` reads.",
+            "also writes the label directions that `generate --directions` reads. Given a plain causal LM instead (the "
+            "base or fine-tuned LLM, a CVAE's baseline), it scores the LM's samples on the diversity and dialogue "
+            "metrics.",
             (ModelArguments, DataArguments, EvaluateArguments),
             run_evaluate,
             f"{PROG} evaluate --model_name_or_path cvae --dataset agnews-test-1tomany --output_dir report --num_prompts 64",

@@ -10,7 +10,7 @@ import torch
 
 from ..export import export_hub_folder, push_folder, save_trained_cvae, training_record
 from ..latent_io import read_directions, read_latent, save_latents
-from ..loading import build_or_load_cvae, load_causal_lm, load_cvae, load_rows, load_tokenizer
+from ..loading import build_or_load_cvae, load_causal_lm, load_cvae, load_cvae_or_causal_lm, load_rows, load_tokenizer
 from ..validation import check_non_negative_float, check_positive_int, non_empty_dir, refuse_to_overwrite
 from .arguments import (
     CVAEArguments,
@@ -279,7 +279,8 @@ def run_generate(model_args: ModelArguments, args: GenerateArguments) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- evaluate
 def run_evaluate(model_args: ModelArguments, data_args: DataArguments, args: EvaluateArguments) -> dict:
-    """`cvae-llama evaluate`: the evaluation report of a saved CVAE on `--dataset`, printed and written."""
+    """`cvae-llama evaluate`: the evaluation report of a saved CVAE (or of a plain causal LM, on the metrics that
+    need no latent, from its samples) on `--dataset`, printed and written."""
     from ..evaluation import evaluation_report
 
     output_dir = Path(args.output_dir)
@@ -287,7 +288,9 @@ def run_evaluate(model_args: ModelArguments, data_args: DataArguments, args: Eva
         raise CommandLineError(
             f"--output_dir {str(output_dir)!r} already holds a report; pass --overwrite to replace it"
         )
-    model, tokenizer = load_cvae(model_args.model_name_or_path, "--model_name_or_path", **model_args.load_kwargs())
+    model, tokenizer = load_cvae_or_causal_lm(
+        model_args.model_name_or_path, "--model_name_or_path", **model_args.load_kwargs()
+    )
     rows, _ = rows_of(data_args, tokenizer)
     base_model = None
     if args.base_model is not None:

@@ -9,7 +9,7 @@ computes, and [`evaluation_report`] runs a chosen set on a saved model and a dat
 | `text` | [`distinct_n`], [`self_bleu`], [`bleu`], [`rouge_l`], [`rouge_lsum`], [`bertscore_minilm`] |
 | `generation` | [`diverse_generation`], [`base_samples`], [`temperature_sweep`], [`reconstruction`], [`interpolate`] |
 | `control` | [`train_label_probe`] ([`fit_logistic_regression`]), [`label_directions`], [`linear_probe_accuracy`], [`shift_latents`], [`latent_guided_control`], [`control_success`] |
-| `dialogue` | [`dialogue_metrics`], [`fed_style_score`] (a substitute for FED) |
+| `dialogue` | [`dialogue_metrics`], [`fed_style_score`] (a substitute for FED), [`response_perplexity`] |
 | `plots` | the latent space, KL per dimension, the interpolation path, the temperature sweep |
 | `report` | [`evaluation_report`] |
 
@@ -33,7 +33,14 @@ from .control import (
     shift_latents,
     train_label_probe,
 )
-from .dialogue import FED_STYLE_LABEL, FED_TURN_LEVEL_FOLLOW_UPS, dialogue_metrics, fed_style_score, follow_up_nll
+from .dialogue import (
+    FED_STYLE_LABEL,
+    FED_TURN_LEVEL_FOLLOW_UPS,
+    dialogue_metrics,
+    fed_style_score,
+    follow_up_nll,
+    response_perplexity,
+)
 from .generation import (
     DEFAULT_TEMPERATURES,
     base_samples,
@@ -136,6 +143,7 @@ __all__ = [
     "prompt_inputs",
     "reconstruction",
     "response_log_likelihood",
+    "response_perplexity",
     "results_markdown",
     "rouge_l",
     "rouge_lsum",

@@ -8,8 +8,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ..data.collator import IGNORE_INDEX, encode_prompts
+from ..data.budgets import DEFAULT_MAX_RESPONSE_TOKENS
+from ..data.collator import IGNORE_INDEX, OneToManyCollator, encode_prompts
 from ..validation import check_texts, pad_token_id
+from .language_modeling import causal_lm_nll, count_response_tokens, perplexity
 from .text import BERTSCORE_LABEL, bertscore_minilm, bleu, distinct_n
 from .utils import DEFAULT_BATCH_SIZE
 
@@ -146,6 +148,34 @@ def fed_style_score(
     return scores
 
 
+@torch.no_grad()
+def response_perplexity(
+    llm,
+    tokenizer,
+    contexts: Sequence[str],
+    responses: Sequence[str],
+    max_context_tokens: int = FED_MAX_CONTEXT_TOKENS,
+    max_response_tokens: int = DEFAULT_MAX_RESPONSE_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> float:
+    """Per-token perplexity of each response given its context under a plain causal LM (fluency: the base LM's
+    perplexity of generated turns), over all responses' tokens; contexts keep their last `max_context_tokens`."""
+    contexts, responses = check_texts(contexts, "contexts"), check_texts(responses, "responses")
+    if len(contexts) != len(responses):
+        raise ValueError(f"contexts has {len(contexts)} texts but responses has {len(responses)}; expected pairs")
+    collator = OneToManyCollator(tokenizer, max_context_tokens, max_response_tokens)
+    nll, tokens = [], []
+    for start in range(0, len(contexts), batch_size):
+        rows = [
+            {"prompt": c, "response": r}
+            for c, r in zip(contexts[start : start + batch_size], responses[start : start + batch_size], strict=True)
+        ]
+        batch = collator(rows)
+        nll.append(causal_lm_nll(llm, batch))
+        tokens.append(count_response_tokens(batch["labels"]))
+    return perplexity(torch.cat(nll), torch.cat(tokens))
+
+
 def dialogue_metrics(
     candidates: Sequence[str],
     references: Sequence[str],
@@ -160,7 +190,8 @@ def dialogue_metrics(
     - `distinct_1`, `distinct_2`: over all generated responses (in [0, 1]);
     - `bertscore_minilm_f1` (and precision / recall): "BERTScore (MiniLM-L6)", not the paper's roberta-large one;
     - `fed_style`: [`fed_style_score`]'s `overall` with `llm` (given `contexts`, `llm` and `tokenizer`), a
-      substitute for FED.
+      substitute for FED;
+    - `base_lm_perplexity`: [`response_perplexity`] of the responses under `llm` (with `llm`).
 
     Returns:
         `dict` of the metrics above plus `labels`, the display name of each substitute.
@@ -186,6 +217,7 @@ def dialogue_metrics(
         metrics["fed_style"] = fed["overall"]
         metrics["fed_style_per_quality"] = {key: value for key, value in fed.items() if key != "overall"}
         labels["fed_style"] = FED_STYLE_LABEL
+        metrics["base_lm_perplexity"] = response_perplexity(llm, tokenizer, contexts, candidates)
     metrics["labels"] = labels
     return metrics
 
@@ -197,4 +229,5 @@ __all__ = [
     "dialogue_metrics",
     "fed_style_score",
     "follow_up_nll",
+    "response_perplexity",
 ]

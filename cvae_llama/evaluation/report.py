@@ -7,7 +7,8 @@ the metric's entry of `results.json`), and its section of `results.md` is one fu
 
 The metrics, in the report's order ([`METRICS`]; the names in backquotes are [`evaluation_report`]'s arguments):
 - `latent`: KL to the prior, MI I(y; z | x), AU (whole set, delta 0.01; in group at 0.03 / 0.1 / 0.3), CU
-  (0.03 / 0.1 / 0.3); plots `latent_space.png` (PCA of the posterior means by label) and
+  (0.03 / 0.1 / 0.3), and how much the decoder reads z (`information`: a response's NLL decoded from a sibling's
+  posterior mean minus from its own, nats; 0 when the decoder ignores z); plots `latent_space.png` (PCA of the posterior means by label) and
   `kl_per_dimension.png`;
 - `language_modeling`: importance-weighted NLL (k = `iw_samples`) and perplexity, -ELBO;
 - `diversity`: `num_latents` prior latents per prompt, greedy, against the base LM's samples; the base LM's own
@@ -18,7 +19,11 @@ The metrics, in the report's order ([`METRICS`]; the names in backquotes are [`e
 - `control`: a label probe on the base LM (trained on `probe_dataset`, else on the responses and their prompt's
   label), directions from the first half of the prompts, control on the second half;
 - `dialogue`: one prior-latent response per context against the first reference: BLEU-1/2, Distinct-1/2,
-  BERTScore (MiniLM-L6) and the FED-style substitute.
+  BERTScore (MiniLM-L6), the FED-style substitute and the base LM's perplexity of the responses.
+
+A plain causal LM (the base or fine-tuned LLM, the rows a CVAE is compared with) is evaluated on [`LM_METRICS`]
+the same way, its samples at temperature 1.0, top-p 0.95 (as the one-to-many data) in place of the CVAE's prior
+latents decoded greedily; the metrics that need a latent are refused for it.
 """
 
 import json
@@ -36,7 +41,8 @@ from ..data.budgets import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_RESPONSE_TOKEN
 from ..data.collator import OneToManyCollator
 from ..data.grouping import group_responses
 from ..data.one_to_many import SAMPLING_TEMPERATURE, SAMPLING_TOP_P
-from ..loading import load_tokenizer, saved_cvae
+from ..loading import load_cvae_or_causal_lm, load_tokenizer
+from ..modeling_cvae_llama import CVAELlamaForCausalLM
 from ..validation import check_positive_int, pad_token_id
 from .control import CONTROL_STRENGTH, label_directions, latent_guided_control, train_label_probe
 from .dialogue import FED_STYLE_LABEL, dialogue_metrics
@@ -56,6 +62,7 @@ from .language_modeling import (
     importance_weighted_nll,
     negative_elbo,
     perplexity,
+    response_log_likelihood,
 )
 from .latent import (
     active_units,
@@ -77,10 +84,13 @@ GROUP_METRICS = ("latent", "control")
 POSTERIOR_METRICS = ("latent", "language_modeling", "control")
 # metrics scored against references: the dataset's responses, else the base LM's own samples
 REFERENCE_METRICS = ("diversity", "temperature_sweep")
+# metrics a plain causal LM is evaluated on (sampled instead of decoded from prior latents)
+LM_METRICS = ("diversity", "dialogue")
 # points on the interpolation path, t = 0, 0.1, ..., 1 (the paper's)
 INTERPOLATION_STEPS = 11
 DISPLAY_NAMES = {
     "kl": "KL(q(z|x,y) || p(z)) (nats)",
+    "information": "decoder reads z: NLL(y | sibling's mean) - NLL(y | own mean) (nats)",
     "mutual_information": "MI I(y; z | x) (nats)",
     "active_units_whole_set": "AU over the whole set (delta 0.01)",
     "active_units": "AU in group (var > {threshold})",
@@ -108,6 +118,9 @@ DISPLAY_NAMES = {
     "bertscore_minilm_f1": BERTSCORE_LABEL + " F1",
     "fed_style": FED_STYLE_LABEL,
 }
+DIALOGUE_KEYS = (
+    "bleu_1", "bleu_2", "distinct_1", "distinct_2", "bertscore_minilm_f1", "fed_style", "base_lm_perplexity",
+)  # fmt: skip
 
 
 @dataclass
@@ -152,6 +165,17 @@ class EvaluationRun:
         return [group["responses"][0] for group in self.groups]
 
     @property
+    def is_cvae(self) -> bool:
+        return isinstance(self.model, CVAELlamaForCausalLM)
+
+    def lm_samples(self, num_samples: int) -> list[list[str]]:
+        """A plain LM's `num_samples` samples per prompt (temperature 1.0, top-p 0.95), seeded by the report's seed."""
+        return base_samples(
+            self.model, self.tokenizer, self.prompts, num_samples, self.max_new_tokens,
+            max_prompt_tokens=self.max_prompt_tokens, batch_size=self.batch_size, seed=self.seed,
+        )  # fmt: skip
+
+    @property
     def has_labels(self) -> bool:
         return all(group["label"] is not None for group in self.groups)
 
@@ -179,6 +203,7 @@ def _latent_quality(run: EvaluationRun) -> dict:
     aggregate = aggregate_posterior_kl(mean, logvar, ids, run.mc_samples, generator)
     result = {
         "kl": kl_to_prior(mean, logvar),
+        "information": run.posteriors["information"].mean().item(),
         "mutual_information": mutual_information(mean, logvar, ids, run.mc_samples, generator),
         "active_units_whole_set": active_units(mean, 0.01),
         "active_units": in_group_active_units(mean, ids),
@@ -223,7 +248,16 @@ def _language_modeling(run: EvaluationRun) -> dict:
 
 
 def _diversity(run: EvaluationRun) -> dict:
-    """`num_latents` prior latents per prompt, greedy, against the references; the references' own diversity."""
+    """`num_latents` prior latents per prompt, greedy (a plain LM: `num_latents` samples), against the references;
+    the references' own diversity."""
+    if not run.is_cvae:
+        groups = run.lm_samples(run.num_latents)
+        run.samples["diversity"] = [
+            {"prompt": p, "llm": g, "references": r}
+            for p, g, r in zip(run.prompts, groups, run.references, strict=True)
+        ]
+        return {"llm": diversity_metrics(groups, run.references), "references": run.reference_source,
+                "base_lm": diversity_metrics(run.references)}  # fmt: skip
     result = diverse_generation(
         run.model,
         run.tokenizer,
@@ -344,11 +378,14 @@ def _probe_data(run: EvaluationRun) -> tuple[list[str], list]:
 
 
 def _dialogue(run: EvaluationRun) -> dict:
-    """One prior-latent response per context against the first reference."""
-    latents = prior_latents(run.model, len(run.groups), 1.0, run.generator())
-    candidates = generate_texts(
-        run.model, run.tokenizer, run.prompts, latents, desc="Dialogue responses", **run.decoding
-    )
+    """One prior-latent response per context (a plain LM: one sample) against the first reference."""
+    if run.is_cvae:
+        latents = prior_latents(run.model, len(run.groups), 1.0, run.generator())
+        candidates = generate_texts(
+            run.model, run.tokenizer, run.prompts, latents, desc="Dialogue responses", **run.decoding
+        )
+    else:
+        candidates = [samples[0] for samples in run.lm_samples(1)]
     first = run.first_responses
     result = dialogue_metrics(candidates, first, run.prompts, run.llm, run.tokenizer)
     run.labels.update(result.pop("labels"))
@@ -403,10 +440,12 @@ def evaluation_report(
     """Evaluate a CVAE on a dataset and write `results.json`, `results.md` and PNG plots into `output_dir`.
 
     Metrics: any subset of [`METRICS`], run in that order (the module docstring says what each computes); `None` runs
-    all that the data allow: `dialogue` only when asked, `control` only when the dataset has labels.
+    all that the data allow: `dialogue` only when asked, `control` only when the dataset has labels. A plain causal
+    LM is evaluated on [`LM_METRICS`] (`None`: `diversity`), from its samples.
 
     Args:
-        model_path_or_model: a saved CVAE folder, or a [`CVAELlamaForCausalLM`] (then pass `tokenizer`).
+        model_path_or_model: a saved CVAE folder, or a [`CVAELlamaForCausalLM`] (then pass `tokenizer`); or a
+            plain causal LM (folder or model), evaluated on [`LM_METRICS`].
         dataset (`datasets.Dataset`): one-to-many test data, flat `{prompt, response[, prompt_id][, label]}` rows
             (as `make_one_to_many` writes) or groups `{prompt, responses[, label]}`. The responses of a prompt are the
             base LM's samples, the references of diverse generation; `latent` and `control` need 2 or more per prompt.
@@ -414,8 +453,8 @@ def evaluation_report(
         metrics (`list[str]`, *optional*): names from [`METRICS`].
         tokenizer: the model's tokenizer (read from the folder when not given).
         base_model: the base causal LM for references (when prompts have a single response), the label probe and
-            the FED-style score; defaults to the CVAE's own decoder without the latent ([`decoder_as_causal_lm`]),
-            which is the base LM when the decoder was frozen.
+            the FED-style score and perplexity; defaults to the CVAE's own decoder without the latent
+            ([`decoder_as_causal_lm`]), which is the base LM when the decoder was frozen (a plain LM: itself).
         probe_dataset (`datasets.Dataset`, *optional*): `{response or text, label}` rows to train the label probe.
         num_prompts (`int`, *optional*): evaluate the first `num_prompts` prompts only.
         group_size (`int`, *optional*): responses per prompt (defaults to the smallest count in the data).
@@ -442,10 +481,12 @@ def evaluation_report(
         dataset, metrics, group_size, num_prompts, num_latents, iw_samples, iw_prior_samples
     )
     model, tokenizer = _load_model(model_path_or_model, tokenizer)
+    is_cvae = isinstance(model, CVAELlamaForCausalLM)
+    chosen = _runnable_metrics(chosen, groups, dataset.column_names, is_cvae)
+    llm = base_model if base_model is not None else decoder_as_causal_lm(model) if is_cvae else model
     with _eval_mode(model):
         run = EvaluationRun(
-            model=model, tokenizer=tokenizer, groups=groups, output_dir=Path(output_dir),
-            llm=base_model if base_model is not None else decoder_as_causal_lm(model),
+            model=model, tokenizer=tokenizer, groups=groups, output_dir=Path(output_dir), llm=llm,
             label_names=_label_names(dataset, label_names),
             num_latents=num_latents, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens,
             max_new_tokens=max_new_tokens or max_response_tokens, temperatures=temperatures, iw_samples=iw_samples,
@@ -466,8 +507,7 @@ def _metrics_and_groups(
     check_positive_int(num_latents, "num_latents", minimum=2)  # diversity compares K >= 2 texts per prompt
     check_positive_int(iw_samples, "iw_samples")
     check_prior_samples(iw_prior_samples, iw_samples, "iw_prior_samples", "iw_samples")
-    groups = _groups_of(dataset, group_size, num_prompts)
-    return _runnable_metrics(chosen, groups, dataset.column_names), groups
+    return chosen, _groups_of(dataset, group_size, num_prompts)
 
 
 def _run_metrics(run: EvaluationRun, model_path_or_model, chosen: list[str], base_model_given: bool) -> dict:
@@ -477,7 +517,9 @@ def _run_metrics(run: EvaluationRun, model_path_or_model, chosen: list[str], bas
     steps = tqdm(chosen, desc="Evaluation", unit="metric")
     if any(name in chosen for name in POSTERIOR_METRICS):
         collator = OneToManyCollator(run.tokenizer, run.max_prompt_tokens, run.max_response_tokens)
-        run.posteriors = _posteriors(run, collator, language_modeling="language_modeling" in chosen)
+        run.posteriors = _posteriors(
+            run, collator, language_modeling="language_modeling" in chosen, decoder_reads_z="latent" in chosen
+        )
     if any(name in chosen for name in REFERENCE_METRICS):
         run.references, run.reference_source = _references(run, base_model_given=base_model_given)
     for name in steps:
@@ -496,6 +538,8 @@ def _write_report(run: EvaluationRun, results: dict) -> None:
 
 def _results_header(run: EvaluationRun, model_path_or_model, chosen: list[str], base_model_given: bool) -> dict:
     """What `results.json` holds before the metrics: the model, the data, the settings, labels and plots."""
+    own_lm = "the CVAE's decoder without the latent" if run.is_cvae else "the evaluated LM itself"
+    generation = "prior latents, greedy" if run.is_cvae else f"samples (temperature {SAMPLING_TEMPERATURE}, top_p {SAMPLING_TOP_P})"
     model = model_path_or_model
     if not isinstance(model, (str, os.PathLike)):
         model = getattr(model, "name_or_path", "") or type(model).__name__
@@ -516,7 +560,8 @@ def _results_header(run: EvaluationRun, model_path_or_model, chosen: list[str], 
             "iw_prior_samples": run.iw_prior_samples,
             "mc_samples": run.mc_samples,
             "seed": run.seed,
-            "base_model": "given" if base_model_given else "the CVAE's decoder without the latent",
+            "base_model": "given" if base_model_given else own_lm,
+            "generation": generation,
         },
         "labels": run.labels,  # filled by the metrics that label substitutes (dialogue)
         "plots": run.plots,  # filled by the metrics that draw
@@ -535,9 +580,19 @@ def _known_metrics(metrics: Sequence[str] | str | None) -> list[str] | None:
     return [name for name in METRIC_FUNCTIONS if name in metrics]
 
 
-def _runnable_metrics(chosen: list[str] | None, groups: list[dict], columns: list[str]) -> list[str]:
+def _runnable_metrics(
+    chosen: list[str] | None, groups: list[dict], columns: list[str], is_cvae: bool = True
+) -> list[str]:
     """The metrics to run (by default all that the data allow); `ValueError` when a chosen one cannot run."""
     has_labels = all(group["label"] is not None for group in groups)
+    if not is_cvae:
+        chosen = ["diversity"] if chosen is None else chosen
+        needs_latent = [name for name in chosen if name not in LM_METRICS]
+        if needs_latent:
+            raise ValueError(
+                f"metric(s) {needs_latent} need a CVAE's latent, but the model is a plain causal LM; it can be "
+                f"evaluated on {list(LM_METRICS)}"
+            )
     if chosen is None:
         chosen = [name for name in METRIC_FUNCTIONS if name != "dialogue" and (name != "control" or has_labels)]
     if "control" in chosen and not has_labels:
@@ -560,10 +615,13 @@ def _runnable_metrics(chosen: list[str] | None, groups: list[dict], columns: lis
 
 
 def _load_model(model_path_or_model, tokenizer):
-    """The model and tokenizer to evaluate: a saved CVAE folder loaded by the library's loader, or the model given."""
+    """The model and tokenizer to evaluate: a saved CVAE (or plain causal LM) folder loaded by the library's loaders,
+    or the model given."""
+    from transformers import PreTrainedModel
+
     if isinstance(model_path_or_model, (str, os.PathLike)):
-        model = saved_cvae(model_path_or_model, "model_path_or_model")
-        tokenizer = load_tokenizer(model_path_or_model) if tokenizer is None else tokenizer
+        model, own_tokenizer = load_cvae_or_causal_lm(model_path_or_model, "model_path_or_model")
+        tokenizer = own_tokenizer if tokenizer is None else tokenizer
     else:
         model = model_path_or_model
         if tokenizer is None:
@@ -571,7 +629,8 @@ def _load_model(model_path_or_model, tokenizer):
             if not name or not Path(name).is_dir():
                 raise ValueError("tokenizer is required when a model object is given (it has no local folder)")
             tokenizer = load_tokenizer(name)
-    check_cvae(model)
+    if not isinstance(model, PreTrainedModel) or not model.can_generate():
+        check_cvae(model)  # the error says what is expected
     pad_token_id(tokenizer)
     return model, tokenizer
 
@@ -631,11 +690,14 @@ def _label_names(dataset, given: Sequence[str] | None = None) -> dict:
 
 
 @torch.no_grad()
-def _posteriors(run: EvaluationRun, collator: OneToManyCollator, language_modeling: bool) -> dict:
-    """Posterior means and log-variances of every response (and, optionally, the IW-NLL, -ELBO and base LM NLL)."""
+def _posteriors(run: EvaluationRun, collator: OneToManyCollator, language_modeling: bool,
+                decoder_reads_z: bool = False) -> dict:  # fmt: skip
+    """Posterior means and log-variances of every response (and, optionally, the IW-NLL, -ELBO and base LM NLL, and
+    how much the decoder reads z: NLL(y | x, mean of a sibling response) - NLL(y | x, its own mean), in nats)."""
     model, groups = run.model, run.groups
     generator = run.generator()
     means, logvars, group_ids, labels, iw, defensive, elbo, base, tokens = [], [], [], [], [], [], [], [], []
+    information = []
     per_batch = max(1, run.batch_size // max(len(group["responses"]) for group in groups))
     for start in tqdm(range(0, len(groups), per_batch), desc="Posteriors", leave=False):
         chunk = groups[start : start + per_batch]
@@ -645,6 +707,10 @@ def _posteriors(run: EvaluationRun, collator: OneToManyCollator, language_modeli
         logvars.append(logvar.float().cpu())
         group_ids.append(batch["group_ids"] + start)
         labels += [group["label"] for group in chunk for _ in group["responses"]]
+        if decoder_reads_z:
+            sibling = _next_in_group(batch["group_ids"])
+            own = response_log_likelihood(model, batch, mean)
+            information.append((own - response_log_likelihood(model, batch, mean[sibling.to(mean.device)])).cpu())
         if language_modeling:
             iw.append(importance_weighted_nll(model, batch, run.iw_samples, generator))
             if run.iw_prior_samples:
@@ -662,6 +728,8 @@ def _posteriors(run: EvaluationRun, collator: OneToManyCollator, language_modeli
         "group_ids": torch.cat(group_ids),
         "labels": labels,
     }
+    if decoder_reads_z:
+        result["information"] = torch.cat(information)
     if language_modeling:
         result.update(
             iw_nll=torch.cat(iw), negative_elbo=torch.cat(elbo), base_nll=torch.cat(base), num_tokens=torch.cat(tokens)
@@ -669,6 +737,16 @@ def _posteriors(run: EvaluationRun, collator: OneToManyCollator, language_modeli
         if defensive:
             result["iw_nll_defensive"] = torch.cat(defensive)
     return result
+
+
+def _next_in_group(group_ids: torch.Tensor) -> torch.Tensor:
+    """For each row, the index of the next row of its group (cyclically): a sibling response of the same prompt."""
+    index = torch.arange(len(group_ids))
+    sibling = index.clone()
+    for group in group_ids.unique():
+        rows = index[group_ids == group]
+        sibling[rows] = rows.roll(-1)
+    return sibling
 
 
 def _references(run: EvaluationRun, base_model_given: bool) -> tuple[list[list[str]], str]:
@@ -738,7 +816,8 @@ _DIVERSITY_KEYS = ("distinct_1", "distinct_2", "distinct_4", "self_bleu_4", "rou
 
 def _latent_markdown(results: dict) -> list[str]:
     latent = results["latent"]
-    rows = [(DISPLAY_NAMES[key], latent[key]) for key in ("kl", "mutual_information", "active_units_whole_set")]
+    rows = [(DISPLAY_NAMES[key], latent[key]) for key in ("kl", "information", "mutual_information",
+                                                         "active_units_whole_set") if key in latent]  # fmt: skip
     rows += [(DISPLAY_NAMES["active_units"].format(threshold=t), v) for t, v in latent["active_units"].items()]
     rows += [(DISPLAY_NAMES["consistent_units"].format(threshold=t), v) for t, v in latent["consistent_units"].items()]
     rows += [
@@ -766,13 +845,16 @@ def _language_modeling_markdown(results: dict) -> list[str]:
 
 def _diversity_markdown(results: dict) -> list[str]:
     diversity = results["diversity"]
-    keys = [key for key in _DIVERSITY_KEYS if key in diversity["cvae"]]
+    count = results.get("settings", {}).get("num_latents")
+    name, evaluated, how = ("CVAE", "cvae", "prior latents per prompt, greedy") if "cvae" in diversity else (
+        "LM samples", "llm", "samples per prompt")  # fmt: skip
+    keys = [key for key in _DIVERSITY_KEYS if key in diversity[evaluated]]
     return [
-        f"## Diverse generation ({results.get('settings', {}).get('num_latents')} prior latents per prompt, greedy)",
+        f"## Diverse generation ({count} {how})",
         "",
         f"References: {diversity['references']}.",
         "",
-        *_wide_table("", keys, [("CVAE", diversity["cvae"]), ("base LM samples", diversity["base_lm"])]),
+        *_wide_table("", keys, [(name, diversity[evaluated]), ("references", diversity["base_lm"])]),
         "",
     ]
 
@@ -823,9 +905,9 @@ def _control_markdown(results: dict) -> list[str]:
 
 def _dialogue_markdown(results: dict) -> list[str]:
     dialogue = results["dialogue"]
-    keys = ("bleu_1", "bleu_2", "distinct_1", "distinct_2", "bertscore_minilm_f1", "fed_style")
     return _table(
-        "Dialogue (substitutes labelled)", [(DISPLAY_NAMES[key], dialogue[key]) for key in keys if key in dialogue]
+        "Dialogue (substitutes labelled)",
+        [(DISPLAY_NAMES[key], dialogue[key]) for key in DIALOGUE_KEYS if key in dialogue],
     )
 
 
