@@ -549,6 +549,11 @@ def write_summary(out: Path, setup: DatasetSetup, runs: list[tuple[Row, int]], b
     latent = plot_latent_spaces(out, seeds[0], out / "latent_space_vanilla_vs_dg_gskip.png")
     sweep = plot_sweep(out, seeds[0], out / "temperature_sweep.png", collected)
     plots = {key: str(value) for key, value in (("latent_space", latent), ("sweep", sweep)) if value}
+    seconds = {}  # the steps every row shares: fine-tuning, sampling
+    for timings in (out / "timings.json", out / "data" / "timings.json"):
+        seconds.update(json.loads(timings.read_text()) if timings.exists() else {})
+    if seconds:
+        parts += ["## wall-clock of the shared steps (s)", "", ", ".join(f"{k} {v:g}" for k, v in seconds.items()), ""]
     parts += ["## commands", "", "```bash", *commands, "```", ""]
     (out / "summary.md").write_text("\n".join(parts))
     summary = {"dataset": setup.name, "budget": budget.__dict__, "plots": plots, **collected}

@@ -744,8 +744,8 @@ def test_evaluation_report_of_a_plain_lm_scores_its_samples(model, tokenizer, tm
     results = evaluation_report(llm, rows, tmp_path / "a", metrics=["diversity", "dialogue"], **kwargs)
     prompts = [f"{p} {a}" for a in ("old", "new") for p in ("the team", "stocks")]
     samples = base_samples(llm, tokenizer, prompts, 3, 6, max_prompt_tokens=8, seed=3)
-    assert results["diversity"]["llm"] == diversity_metrics(samples, [list(rows.filter(lambda r: r["prompt"] == p)[
-        "response"]) for p in prompts])  # fmt: skip
+    references = [[row["response"] for row in rows if row["prompt"] == prompt] for prompt in prompts]
+    assert results["diversity"]["llm"] == diversity_metrics(samples, references)
     assert results["settings"]["generation"].startswith("samples (temperature 1.0")
     assert results["settings"]["base_model"] == "the evaluated LM itself"
     on_disk = json.loads((tmp_path / "a" / "samples.json").read_text())
@@ -765,7 +765,7 @@ def test_response_perplexity_is_the_per_token_perplexity_of_the_responses(model,
 
     llm = decoder_as_causal_lm(model)
     contexts, responses = ["the team won", "stocks fell on"], ["the cup", "oil price and bank rate"]
-    batch = OneToManyCollator(tokenizer, 128, 64)([{"prompt": c, "response": r} for c, r in zip(contexts, responses)])
+    batch = OneToManyCollator(tokenizer, 128, 64)([{"prompt": c, "response": r} for c, r in zip(contexts, responses, strict=True)])
     nll = causal_lm_nll(llm, batch)
     tokens = (batch["labels"][:, 1:] != -100).sum()
     assert tokens == 3 + 6  # each response and its EOS

@@ -105,6 +105,7 @@ def test_quick_dailydialog_fine_tunes_then_scores_every_row_against_the_human_re
     assert "BERTScore F1 (MiniLM-L6, substitute)" in summary and "| DG + G-Skip |" in summary
     assert "the dialogue table over seeds" in summary and "| fine-tuned LLM (SFT), sampled" in summary
     assert "**Context 3**" in summary and "decoder reads z (nats)" in summary
+    assert "## wall-clock of the shared steps (s)\n\nsft " in summary
 
     # interrupted after the fine-tuning and one training: the rerun does only what is missing
     for path in (out / "dg_gskip-seed1").rglob("results.json"):

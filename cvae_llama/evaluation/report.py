@@ -440,12 +440,11 @@ def evaluation_report(
     """Evaluate a CVAE on a dataset and write `results.json`, `results.md` and PNG plots into `output_dir`.
 
     Metrics: any subset of [`METRICS`], run in that order (the module docstring says what each computes); `None` runs
-    all that the data allow: `dialogue` only when asked, `control` only when the dataset has labels. A plain causal
-    LM is evaluated on [`LM_METRICS`] (`None`: `diversity`), from its samples.
+    all that the data allow: `dialogue` only when asked, `control` only when the dataset has labels.
 
     Args:
         model_path_or_model: a saved CVAE folder, or a [`CVAELlamaForCausalLM`] (then pass `tokenizer`); or a
-            plain causal LM (folder or model), evaluated on [`LM_METRICS`].
+            plain causal LM (folder or model), evaluated from its samples on [`LM_METRICS`] (default `diversity`).
         dataset (`datasets.Dataset`): one-to-many test data, flat `{prompt, response[, prompt_id][, label]}` rows
             (as `make_one_to_many` writes) or groups `{prompt, responses[, label]}`. The responses of a prompt are the
             base LM's samples, the references of diverse generation; `latent` and `control` need 2 or more per prompt.
@@ -477,13 +476,10 @@ def evaluation_report(
     Returns:
         `dict`: what `results.json` holds.
     """
-    chosen, groups = _metrics_and_groups(
-        dataset, metrics, group_size, num_prompts, num_latents, iw_samples, iw_prior_samples
-    )
+    chosen, groups = _metrics_and_groups(dataset, metrics, group_size, num_prompts, num_latents, iw_samples, iw_prior_samples)
     model, tokenizer = _load_model(model_path_or_model, tokenizer)
-    is_cvae = isinstance(model, CVAELlamaForCausalLM)
-    chosen = _runnable_metrics(chosen, groups, dataset.column_names, is_cvae)
-    llm = base_model if base_model is not None else decoder_as_causal_lm(model) if is_cvae else model
+    chosen = _runnable_metrics(chosen, groups, dataset.column_names, isinstance(model, CVAELlamaForCausalLM))
+    llm = base_model if base_model is not None else _own_lm(model)
     with _eval_mode(model):
         run = EvaluationRun(
             model=model, tokenizer=tokenizer, groups=groups, output_dir=Path(output_dir), llm=llm,
@@ -633,6 +629,11 @@ def _load_model(model_path_or_model, tokenizer):
         check_cvae(model)  # the error says what is expected
     pad_token_id(tokenizer)
     return model, tokenizer
+
+
+def _own_lm(model):
+    """The LM that judges when no base model is given: a CVAE's decoder without the latent, a plain LM itself."""
+    return decoder_as_causal_lm(model) if isinstance(model, CVAELlamaForCausalLM) else model
 
 
 @contextmanager
