@@ -82,10 +82,14 @@ def load_cvae(name_or_path: str | os.PathLike, argument: str = "model_name_or_pa
 def load_cvae_or_causal_lm(name_or_path: str | os.PathLike, argument: str = "model_name_or_path", **kwargs):
     """A saved CVAE ([`load_cvae`]), or any other causal LM (the base or fine-tuned LLM a CVAE is compared with), in
     eval mode, and its tokenizer."""
+    return saved_cvae_or_causal_lm(name_or_path, argument, **kwargs), load_tokenizer(name_or_path)
+
+
+def saved_cvae_or_causal_lm(name_or_path: str | os.PathLike, argument: str = "model_name_or_path", **kwargs):
+    """[`load_cvae_or_causal_lm`]'s model alone, in eval mode (for a caller that brings its own tokenizer)."""
     if model_config(name_or_path, argument).model_type == "cvae_llama":
-        return load_cvae(name_or_path, argument, **kwargs)
-    model, tokenizer = load_causal_lm(name_or_path, argument, **kwargs)
-    return model.eval(), tokenizer
+        return saved_cvae(name_or_path, argument, **kwargs)
+    return causal_lm_model(name_or_path, argument, **kwargs).eval()
 
 
 def saved_cvae(name_or_path: str | os.PathLike, argument: str = "model_name_or_path", **kwargs):
@@ -130,14 +134,18 @@ def pretrained_cvae(name_or_path: str | os.PathLike, **kwargs):
 
 def load_causal_lm(name_or_path: str | os.PathLike, argument: str = "model_name_or_path", **kwargs):
     """Any causal LM (a CVAE included, `AutoModelForCausalLM`) and its tokenizer."""
+    return causal_lm_model(name_or_path, argument, **kwargs), load_tokenizer(name_or_path)
+
+
+def causal_lm_model(name_or_path: str | os.PathLike, argument: str = "model_name_or_path", **kwargs):
+    """[`load_causal_lm`]'s model alone."""
     from transformers import AutoModelForCausalLM
 
     model_config(name_or_path, argument)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+        return AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
     except ValueError as error:
         raise ValueError(f"{argument} {str(name_or_path)!r} is not a causal LM: {error}") from error
-    return model, load_tokenizer(name_or_path)
 
 
 def build_or_load_cvae(

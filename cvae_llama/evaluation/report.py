@@ -41,7 +41,7 @@ from ..data.budgets import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_RESPONSE_TOKEN
 from ..data.collator import OneToManyCollator
 from ..data.grouping import group_responses
 from ..data.one_to_many import SAMPLING_TEMPERATURE, SAMPLING_TOP_P
-from ..loading import load_cvae_or_causal_lm, load_tokenizer
+from ..loading import load_tokenizer, saved_cvae_or_causal_lm
 from ..modeling_cvae_llama import CVAELlamaForCausalLM
 from ..validation import check_positive_int, pad_token_id
 from .control import CONTROL_STRENGTH, label_directions, latent_guided_control, train_label_probe
@@ -616,8 +616,8 @@ def _load_model(model_path_or_model, tokenizer):
     from transformers import PreTrainedModel
 
     if isinstance(model_path_or_model, (str, os.PathLike)):
-        model, own_tokenizer = load_cvae_or_causal_lm(model_path_or_model, "model_path_or_model")
-        tokenizer = own_tokenizer if tokenizer is None else tokenizer
+        model = saved_cvae_or_causal_lm(model_path_or_model, "model_path_or_model")
+        tokenizer = load_tokenizer(model_path_or_model) if tokenizer is None else tokenizer
     else:
         model = model_path_or_model
         if tokenizer is None:
